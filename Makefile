@@ -1,0 +1,49 @@
+# Every target bootstraps what it needs: system packages (apt-get, as root) and the venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INVENTORY ?= inventory/prod.py
+# debootstrap + systemd-nspawn make the local test host; ssh reaches it.
+SYSTEM_PACKAGES := debootstrap systemd-container openssh-client curl ca-certificates
+
+.PHONY: help sysdeps venv lint unit e2e test demo demo-destroy
+
+help:
+	@echo "make demo          bring up the local Debian 12 host serving llama-server (tiny model)"
+	@echo "make demo-destroy  remove the local host"
+	@echo "make test          lint, type-check, unit tests, end-to-end tests on a fresh local host"
+	@echo "make unit          fast tests of the pure logic"
+	@echo "production:        pyinfra $(INVENTORY) deploy.py"
+
+sysdeps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(BIN)/.installed
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest -q tests/unit
+
+e2e: sysdeps venv
+	$(BIN)/pytest -q tests/e2e
+
+test: sysdeps venv lint
+	$(BIN)/pytest -q --junitxml=reports/junit.xml
+
+demo: sysdeps venv
+	$(BIN)/python -m tests.support.demo up
+
+demo-destroy: venv
+	$(BIN)/python -m tests.support.demo down

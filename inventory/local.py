@@ -1,0 +1,39 @@
+"""The local test host: a Debian 12 systemd-nspawn machine on this computer (make demo).
+
+Created by `python -m tests.support.testhost create NAME --ssh-port PORT`; pyinfra reaches
+it over SSH like any VM, checking its host key. Environment variables let the tests run
+several hosts side by side; the defaults are the demo's.
+"""
+
+import os
+from pathlib import Path
+
+from llamahost.config import PINNED_LLAMA_CPP_COMMIT
+
+_REPO = Path(__file__).resolve().parents[1]
+_CACHE = Path(os.environ.get("LLAMAHOST_CACHE", _REPO / ".cache"))
+_NAME = os.environ.get("LLAMAHOST_LOCAL_HOST", "demo")
+_HOST_DIR = _CACHE / "hosts" / _NAME
+
+hosts = [
+    (
+        _NAME,
+        {
+            "ssh_hostname": "127.0.0.1",
+            "ssh_port": int(os.environ.get("LLAMAHOST_LOCAL_SSH_PORT", "2222")),
+            "ssh_user": "root",
+            "ssh_key": str(_HOST_DIR / "id_ed25519"),
+            "ssh_known_hosts_file": str(_HOST_DIR / "known_hosts"),
+            "ssh_strict_host_key_checking": "yes",
+            # A CPU host serving the tiny test model from the local Hub endpoint.
+            "llama_profile": "cpu-demo",
+            "llama_port": int(os.environ.get("LLAMAHOST_LOCAL_PORT", "8080")),
+            "llama_model_repo": "llamahost/tiny-seed-oss-GGUF",
+            "llama_model_file": "tiny-seed-oss.gguf",
+            "llama_hf_endpoint": os.environ.get("LLAMAHOST_LOCAL_HUB", "http://127.0.0.1:18900"),
+            # No internet beyond package registries: upload the source archive.
+            "llama_cpp_source": "archive",
+            "llama_cpp_archive": str(_CACHE / f"llama.cpp-{PINNED_LLAMA_CPP_COMMIT}.tar.gz"),
+        },
+    )
+]

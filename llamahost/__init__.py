@@ -1,0 +1,1 @@
+"""Pure logic of the llamahost toolkit: profiles, validation, rendering. No pyinfra here."""

@@ -1,0 +1,432 @@
+"""Inventory data → one validated, typed configuration per host.
+
+Every knob is a row of ``SETTINGS`` (its inventory key, default and what is allowed) and a
+row of the README's variables table; a test keeps the two in step. Validation is strict on
+purpose: a value that would end up in a unit file or a shell command must be one line of
+a known shape, so inventory data can never add lines to the unit or words to a command.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from llamahost.profiles import DEFAULT_PROFILE, PROFILES
+
+PREFIX = "llama_"
+PINNED_LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+PINNED_HF_HUB_VERSION = "2.4.0"
+
+# llama.cpp's accepted KV cache types (common/arg.cpp, kv_cache_types, at the pin).
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+
+
+class Invalid(ValueError):
+    """A value is not allowed; the message says what is."""
+
+
+@dataclass(frozen=True)
+class FieldError:
+    key: str
+    value: Any
+    allowed: str
+
+    def __str__(self) -> str:
+        return f"{self.key} = {self.value!r}: {self.allowed}"
+
+
+class ConfigError(Exception):
+    def __init__(self, host: str, errors: list[FieldError]):
+        self.host = host
+        self.errors = errors
+        lines = "\n".join(f"  {e}" for e in errors)
+        super().__init__(f"host {host!r}: invalid inventory data (nothing was changed):\n{lines}")
+
+
+# ---------------------------------------------------------------- value checks
+Check = Callable[[Any], Any]
+
+
+def integer(lo: int, hi: int) -> Check:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise Invalid(f"must be an integer from {lo} to {hi}")
+        return v
+
+    return check
+
+
+def boolean(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise Invalid("must be true or false")
+    return v
+
+
+def choice(*options: str) -> Check:
+    def check(v: Any) -> str:
+        if v not in options:
+            raise Invalid("must be one of: " + ", ".join(options))
+        return str(v)
+
+    return check
+
+
+def pattern(regex: str, what: str) -> Check:
+    compiled = re.compile(regex)
+
+    def check(v: Any) -> str:
+        # fullmatch and no "$": a trailing newline must not slip through.
+        if not isinstance(v, str) or not compiled.fullmatch(v):
+            raise Invalid(f"must be {what}")
+        return v
+
+    return check
+
+
+def optional(inner: Check) -> Check:
+    def check(v: Any) -> Any:
+        return None if v is None else inner(v)
+
+    return check
+
+
+def either(first: Check, second: Check, what: str) -> Check:
+    def check(v: Any) -> Any:
+        for c in (first, second):
+            try:
+                return c(v)
+            except Invalid:
+                pass
+        raise Invalid(f"must be {what}")
+
+    return check
+
+
+def listen_address(v: Any) -> str:
+    if isinstance(v, str):
+        try:
+            ipaddress.ip_address(v)
+            return v
+        except ValueError:
+            pass
+    raise Invalid("must be an IPv4 or IPv6 address, e.g. 0.0.0.0 (all) or 127.0.0.1")
+
+
+abs_path = pattern(
+    r"/(?!.*(?:^|/)\.\.(?:/|$))[A-Za-z0-9._+@/-]*",
+    "an absolute path of letters, digits and ._+@/- (no '..')",
+)
+http_url = pattern(r"https?://[A-Za-z0-9._~:/?#\[\]@!&'()*+,;=%{}-]+", "an http(s) URL")
+sha256_hex = pattern(r"[0-9a-f]{64}", "a sha256 in 64 lower-case hex digits")
+cmake_define = pattern(r"-D[A-Za-z0-9_]+(?::[A-Z]+)?=[A-Za-z0-9._;,+/-]*", "-DNAME=VALUE")
+
+
+def cmake_args(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, (list, tuple)):
+        raise Invalid("must be a list of -DNAME=VALUE strings")
+    try:
+        return tuple(cmake_define(a) for a in v)
+    except Invalid:
+        raise Invalid("must be a list of -DNAME=VALUE strings") from None
+
+
+# ---------------------------------------------------------------- the settings
+@dataclass(frozen=True)
+class Setting:
+    key: str  # without the llama_ prefix
+    default: Any  # PROFILE: taken from the host's profile
+    check: Check
+    doc: str
+
+
+PROFILE = object()  # marker: the default comes from the chosen profile
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("profile", DEFAULT_PROFILE, choice(*PROFILES), "Tuning profile (see Profiles)."),
+    # Profile fields: each defaults to the profile's value.
+    Setting("context", PROFILE, integer(256, 4_194_304), "`-c`: total context, shared by slots."),
+    Setting("parallel", PROFILE, integer(1, 256), "`--parallel`: concurrent slots."),
+    Setting("batch", PROFILE, integer(32, 65536), "`-b`: logical batch."),
+    Setting("micro_batch", PROFILE, integer(32, 65536), "`-ub`: physical batch, ≤ batch."),
+    Setting("kv_cache_type_k", PROFILE, choice(*KV_CACHE_TYPES), "`-ctk`: K cache type."),
+    Setting("kv_cache_type_v", PROFILE, choice(*KV_CACHE_TYPES), "`-ctv`: V cache type."),
+    Setting("flash_attn", PROFILE, choice("on", "off", "auto"), "`-fa`."),
+    Setting(
+        "gpu_layers",
+        PROFILE,
+        optional(integer(0, 999)),
+        "`-ngl`; `None` passes no GPU flags (CPU).",
+    ),
+    Setting(
+        "device",
+        PROFILE,
+        optional(pattern(r"[A-Za-z]+[0-9]+(?:,[A-Za-z]+[0-9]+)*", "a device list like CUDA0")),
+        "`--device`; `None` for CPU.",
+    ),
+    Setting("cache_reuse", PROFILE, integer(0, 1_000_000), "`--cache-reuse` (0: off)."),
+    Setting("kv_unified", PROFILE, boolean, "`--kv-unified`: one KV pool shared by all slots."),
+    Setting(
+        "alias",
+        PROFILE,
+        pattern(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", "1-128 of letters, digits and ._:/-"),
+        "`--alias`: model name in the API.",
+    ),
+    Setting("host", PROFILE, listen_address, "`--host`: listen address."),
+    Setting("port", PROFILE, integer(1, 65535), "`--port`."),
+    Setting(
+        "threads",
+        PROFILE,
+        either(choice("auto"), integer(1, 4096), "'auto' or 1-4096"),
+        "`--threads`; `auto` = the host's online CPUs.",
+    ),
+    Setting("threads_http", PROFILE, integer(-1, 4096), "`--threads-http` (-1: auto)."),
+    Setting("metrics", PROFILE, boolean, "`--metrics`: Prometheus endpoint."),
+    Setting("slots", PROFILE, boolean, "`--slots` / `--no-slots`: slot monitoring."),
+    Setting(
+        "chat_template",
+        PROFILE,
+        pattern(r"[a-z0-9][a-z0-9_.-]{0,63}", "'embedded' or a llama.cpp built-in template name"),
+        "`embedded` (model's Jinja template) or a built-in name, e.g. `seed_oss` "
+        "(`--no-jinja --chat-template seed_oss`).",
+    ),
+    Setting("fit", PROFILE, boolean, "`--fit`; off so a profile that does not fit fails."),
+    # Model
+    Setting(
+        "model_repo",
+        "unsloth/Seed-OSS-36B-Instruct-GGUF",
+        pattern(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", "owner/name"),
+        "Hub repository of the GGUF.",
+    ),
+    Setting(
+        "model_file",
+        "Seed-OSS-36B-Instruct-UD-Q5_K_XL.gguf",
+        pattern(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.gguf", "a non-empty GGUF file name (NAME.gguf)"),
+        "File in the repository.",
+    ),
+    Setting(
+        "model_revision",
+        "main",
+        pattern(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", "a branch, tag or commit"),
+        "Revision to download; pin a commit for reproducible hosts.",
+    ),
+    Setting("model_sha256", None, optional(sha256_hex), "Expected sha256; checked when set."),
+    Setting("model_dir", "/var/lib/llama-models", abs_path, "Where models are stored."),
+    Setting("hf_endpoint", None, optional(http_url), "`HF_ENDPOINT`: a Hub mirror."),
+    Setting("hf_venv", "/opt/llamahost/hf-venv", abs_path, "Venv with huggingface_hub."),
+    Setting(
+        "hf_hub_version",
+        PINNED_HF_HUB_VERSION,
+        pattern(r"[0-9]+(?:\.[0-9]+){1,3}", "a version like 2.4.0"),
+        "huggingface_hub version on the host.",
+    ),
+    # llama.cpp
+    Setting(
+        "cpp_commit",
+        PINNED_LLAMA_CPP_COMMIT,
+        pattern(r"[0-9a-f]{40}", "a 40-digit commit"),
+        "llama.cpp commit to build.",
+    ),
+    Setting(
+        "cpp_source",
+        "upstream",
+        choice("upstream", "archive"),
+        "`upstream`: download the commit's archive on the host; `archive`: upload one.",
+    ),
+    Setting(
+        "cpp_source_url",
+        "https://github.com/ggml-org/llama.cpp/archive/{commit}.tar.gz",
+        http_url,
+        "Where `upstream` downloads from; `{commit}` is replaced.",
+    ),
+    Setting(
+        "cpp_archive",
+        None,
+        optional(pattern(r"[^\x00-\x1f\x7f]+", "a path")),
+        "Controller path of a .tar.gz of the commit's tree (`archive`).",
+    ),
+    Setting("cpp_archive_sha256", None, optional(sha256_hex), "Expected sha256 of the archive."),
+    Setting("cpp_cmake_args", (), cmake_args, "Extra CMake `-D` arguments."),
+    Setting("cpp_prefix", "/opt/llama.cpp", abs_path, "Source, builds and `current` link."),
+    Setting(
+        "cpp_build_jobs",
+        "auto",
+        either(choice("auto"), integer(1, 1024), "'auto' or 1-1024"),
+        "Parallel build jobs; `auto` = online CPUs.",
+    ),
+    # Service
+    Setting(
+        "service_user",
+        "llama",
+        pattern(r"(?!root$)[a-z_][a-z0-9_-]{0,31}", "a system user name other than root"),
+        "System user (no shell) the server runs as.",
+    ),
+    Setting(
+        "api_key",
+        None,
+        optional(pattern(r"[A-Za-z0-9._~+/=-]{16,256}", "16-256 of letters, digits and ._~+/=-")),
+        "API key; generated on the host when unset. Read it from the environment.",
+    ),
+    Setting("api_key_file", "/etc/llama-server/api-key", abs_path, "Key file on the host."),
+    Setting(
+        "start_timeout",
+        1800,
+        integer(30, 86400),
+        "Seconds for the start to reach `/health` 200 (model load).",
+    ),
+)
+
+BY_KEY = {s.key: s for s in SETTINGS}
+PROFILE_KEYS = tuple(s.key for s in SETTINGS if s.default is PROFILE)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    context: int
+    parallel: int
+    batch: int
+    micro_batch: int
+    kv_cache_type_k: str
+    kv_cache_type_v: str
+    flash_attn: str
+    gpu_layers: int | None
+    device: str | None
+    cache_reuse: int
+    kv_unified: bool
+    alias: str
+    host: str
+    port: int
+    threads: int | str
+    threads_http: int
+    metrics: bool
+    slots: bool
+    chat_template: str
+    fit: bool
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.gpu_layers is not None
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    host_name: str
+    profile: Profile
+    model_repo: str
+    model_file: str
+    model_revision: str
+    model_sha256: str | None
+    model_dir: str
+    hf_endpoint: str | None
+    hf_venv: str
+    hf_hub_version: str
+    cpp_commit: str
+    cpp_source: str
+    cpp_source_url: str
+    cpp_archive: str | None
+    cpp_archive_sha256: str | None
+    cpp_cmake_args: tuple[str, ...]
+    cpp_prefix: str
+    cpp_build_jobs: int | str
+    service_user: str
+    api_key: str | None
+    api_key_file: str
+    start_timeout: int
+
+    @property
+    def model_path(self) -> str:
+        """Where the served file lives: one directory per repository and revision."""
+        owner, name = self.model_repo.split("/")
+        return f"{self.model_dir}/{owner}--{name}/{self.model_revision}/{self.model_file}"
+
+
+def _cross_checks(p: dict[str, Any], c: dict[str, Any]) -> list[FieldError]:
+    errs = []
+    if p["micro_batch"] > p["batch"]:
+        errs.append(
+            FieldError(
+                PREFIX + "micro_batch",
+                p["micro_batch"],
+                f"must be at most llama_batch ({p['batch']})",
+            )
+        )
+    if p["parallel"] > p["context"]:
+        errs.append(
+            FieldError(
+                PREFIX + "parallel",
+                p["parallel"],
+                f"must be at most llama_context ({p['context']})",
+            )
+        )
+    if p["kv_cache_type_v"] not in ("f32", "f16", "bf16") and p["flash_attn"] == "off":
+        errs.append(
+            FieldError(
+                PREFIX + "kv_cache_type_v",
+                p["kv_cache_type_v"],
+                "a quantized V cache needs llama_flash_attn 'on' or 'auto'",
+            )
+        )
+    if (p["gpu_layers"] is None) != (p["device"] is None):
+        errs.append(
+            FieldError(
+                PREFIX + "device",
+                p["device"],
+                "set llama_gpu_layers and llama_device together, or neither",
+            )
+        )
+    if c["cpp_source"] == "archive" and not c["cpp_archive"]:
+        errs.append(
+            FieldError(
+                PREFIX + "cpp_archive",
+                c["cpp_archive"],
+                "must name a .tar.gz on the controller when llama_cpp_source is 'archive'",
+            )
+        )
+    return errs
+
+
+def resolve(host_name: str, data: Mapping[str, Any]) -> HostConfig:
+    """Validate a host's inventory data; raise ConfigError listing every bad field."""
+    errors: list[FieldError] = []
+    for key in data:
+        if key.startswith(PREFIX) and key[len(PREFIX) :] not in BY_KEY:
+            near = difflib.get_close_matches(key, [PREFIX + k for k in BY_KEY], n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            errors.append(FieldError(key, data[key], "is not a known setting" + hint))
+
+    def get(setting: Setting, default: Any) -> Any:
+        value = data.get(PREFIX + setting.key, default)
+        try:
+            return setting.check(value)
+        except Invalid as e:
+            errors.append(FieldError(PREFIX + setting.key, value, str(e)))
+            return None
+
+    profile_name = get(BY_KEY["profile"], DEFAULT_PROFILE)
+    base = PROFILES.get(profile_name or "")
+    if base is None:  # unknown profile, already reported: check only what is set
+        prof = {k: get(BY_KEY[k], None) for k in PROFILE_KEYS if PREFIX + k in data}
+    else:
+        prof = {k: get(BY_KEY[k], base[k]) for k in PROFILE_KEYS}
+    other = {
+        s.key: get(s, s.default)
+        for s in SETTINGS
+        if s.default is not PROFILE and s.key != "profile"
+    }
+    if not errors:
+        errors.extend(_cross_checks(prof, other))
+    if errors:
+        raise ConfigError(host_name, errors)
+    return HostConfig(host_name=host_name, profile=Profile(name=profile_name, **prof), **other)
+
+
+def setting_keys() -> list[str]:
+    """All inventory keys, for documentation checks."""
+    return [PREFIX + s.key for s in SETTINGS]
+
+
+assert {f.name for f in fields(Profile)} == {"name", *PROFILE_KEYS}

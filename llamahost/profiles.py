@@ -1,0 +1,73 @@
+"""Tuning profiles: the guide's three, plus a CPU demo profile. Data only.
+
+Every key is a ``Profile`` field; an inventory overrides one with ``llama_<field>``.
+Values are the guide's (section 2 of ``shared/seed``), with the corrections that the
+pinned llama.cpp needs documented in README.md ("Profiles"):
+
+* ``chat_template = "embedded"``: the guide's ``--chat-template seed_oss`` is read as a
+  literal Jinja template under the (now default) ``--jinja`` mode and turns every prompt
+  into the text "seed_oss". The model's embedded template is used instead.
+* ``fit = False``: ``--fit off``, so a profile that does not fit fails loudly instead of
+  llama.cpp silently moving layers to the CPU.
+* ``threads = "auto"``: the host's real core count, read at deploy time (systemd does not
+  run the guide's ``$(nproc)``).
+* ``--host`` and ``--port`` are always passed (upstream announced a new default port).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Shared by the guide's three GPU profiles (its "common to all" line).
+_GUIDE_COMMON: dict[str, Any] = {
+    "alias": "seed-oss-36b-q5kx",
+    "host": "0.0.0.0",  # noqa: S104  (the guide serves the network; use a firewall)
+    "port": 8080,
+    "flash_attn": "on",
+    "gpu_layers": 999,
+    "device": "CUDA0",
+    "batch": 4096,
+    "kv_cache_type_k": "q8_0",
+    "kv_cache_type_v": "q8_0",
+    "threads": "auto",
+    "threads_http": -1,
+    "metrics": True,
+    "slots": True,
+    "cache_reuse": 0,
+    "kv_unified": False,
+    "chat_template": "embedded",
+    "fit": False,
+}
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # A: internal chatbot, short/medium requests, few users; time to first token first.
+    "low-latency": {**_GUIDE_COMMON, "context": 16384, "micro_batch": 1024, "parallel": 4},
+    # B: longer context and/or more concurrent slots. The guide's section 2 adds
+    # --cache-reuse 1024 here (section 6 omits it); we keep it.
+    "balanced": {
+        **_GUIDE_COMMON,
+        "context": 32768,
+        "micro_batch": 2048,
+        "parallel": 8,
+        "cache_reuse": 1024,
+    },
+    # C: 32k, stability first, when B runs out of VRAM under many users.
+    "long-context": {**_GUIDE_COMMON, "context": 32768, "micro_batch": 1024, "parallel": 6},
+    # Not in the guide: the same shape without GPU flags and with a small context, for
+    # hosts without a GPU (the demo and the tests, with a tiny model).
+    "cpu-demo": {
+        **_GUIDE_COMMON,
+        "alias": "seed-oss-tiny",
+        "gpu_layers": None,
+        "device": None,
+        "context": 4096,
+        "batch": 2048,
+        "micro_batch": 512,
+        "parallel": 2,
+    },
+}
+
+DEFAULT_PROFILE = "balanced"
+
+# Which profiles need a GPU; the GPU-stack issue uses it to choose the build.
+GPU_PROFILES = frozenset(name for name, p in PROFILES.items() if p["gpu_layers"] is not None)

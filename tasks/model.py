@@ -1,0 +1,66 @@
+"""The model: pre-downloaded with huggingface_hub, in a venv on the host.
+
+The file lives at a path made of repository, revision and file name, so a change of any of
+them is a new path (a new unit, a restart) and an existing path is never downloaded again.
+"""
+
+import shlex
+
+from pyinfra.api.operation import OperationMeta
+from pyinfra.context import host
+from pyinfra.facts.files import File
+from pyinfra.operations import files, pip, server
+
+from llamahost.config import HostConfig
+
+FETCH_SCRIPT = "/opt/llamahost/bin/llama-fetch-model"
+
+
+def download(cfg: HostConfig) -> OperationMeta | None:
+    """Ensure the model file is present; return the download op when one is needed."""
+    pip.venv(name="huggingface_hub venv", path=cfg.hf_venv, python="python3")
+    pip.packages(
+        name=f"huggingface_hub {cfg.hf_hub_version}",
+        packages=[f"huggingface_hub=={cfg.hf_hub_version}"],
+        virtualenv=cfg.hf_venv,
+    )
+    files.put(
+        name="Install the model fetch script",
+        src="files/llama_fetch_model.py",
+        dest=FETCH_SCRIPT,
+        mode="0755",
+    )
+    # The service reads the models; nobody else needs to list them.
+    files.directory(
+        name="Model directory",
+        path=cfg.model_dir,
+        user="root",
+        group=cfg.service_user,
+        mode="0750",
+    )
+    if host.get_fact(File, path=cfg.model_path):
+        return None
+    argv = [
+        f"{cfg.hf_venv}/bin/python",
+        FETCH_SCRIPT,
+        "--repo",
+        cfg.model_repo,
+        "--file",
+        cfg.model_file,
+        "--revision",
+        cfg.model_revision,
+        "--dest",
+        cfg.model_path,
+        "--group",
+        cfg.service_user,
+    ]
+    if cfg.model_sha256:
+        argv += ["--sha256", cfg.model_sha256]
+    env = {"HF_HUB_DISABLE_TELEMETRY": "1"}
+    if cfg.hf_endpoint:
+        env["HF_ENDPOINT"] = cfg.hf_endpoint
+    return server.shell(
+        name=f"Download {cfg.model_repo}/{cfg.model_file}@{cfg.model_revision}",
+        commands=[shlex.join(argv)],
+        _env=env,
+    )

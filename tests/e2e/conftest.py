@@ -1,0 +1,168 @@
+"""A fresh Debian 12 host with real systemd, a local Hub endpoint and the tiny model.
+
+Session-scoped: the host is created once (seconds, from a cached debootstrap tree), the
+real deploy runs against it over SSH through `inventory/local.py`, and the host is removed
+at the end of the session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import requests
+
+from tests.support import testhost
+from tests.support.hubserver import HubServer
+from tests.support.llama_src import archive
+from tests.support.tinygguf import write as write_tiny
+
+REPO = testhost.REPO
+REPORTS = REPO / "reports"
+MODEL_REPO = "llamahost/tiny-seed-oss-GGUF"
+MODEL_FILE = "tiny-seed-oss.gguf"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Run:
+    rc: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def results(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(self.stdout)
+        return out
+
+    def changed_operations(self) -> list[str]:
+        ops = self.results()["results"]["operations"]
+        return [op["name"] for op in ops if op["success"]]
+
+    def failed_operations(self) -> list[str]:
+        ops = self.results()["results"]["operations"]
+        return [op["name"] for op in ops if op["error"]]
+
+    def stopped_at(self) -> str:
+        """The operation a failed run stopped at (pyinfra prints no JSON results then)."""
+        assert self.rc != 0
+        last = self.stderr.rsplit("--> Starting operation: ", 1)
+        assert len(last) == 2, self.stderr[-2000:]
+        name, _, rest = last[1].partition("\n")
+        assert "Error" in rest, rest[-2000:]
+        return name.strip()
+
+
+@dataclass
+class Site:
+    host: testhost.TestHost
+    hub: HubServer
+    port: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def deploy(self, *extra: str, inventory: str = "inventory/local.py") -> Run:
+        env = {
+            **os.environ,
+            "LLAMAHOST_LOCAL_HOST": self.host.name,
+            "LLAMAHOST_LOCAL_SSH_PORT": str(self.host.ssh_port),
+            "LLAMAHOST_LOCAL_PORT": str(self.port),
+            "LLAMAHOST_LOCAL_HUB": self.hub.url,
+        }
+        argv = [sys.executable, "-m", "pyinfra", "-y", "--json", inventory, "deploy.py", *extra]
+        t0 = time.monotonic()
+        p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
+        return Run(p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
+
+    def sh(self, command: str, check: bool = True) -> str:
+        return self.host.run(command, check=check).stdout
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def key(self) -> str:
+        return self.sh("cat /etc/llama-server/api-key").strip()
+
+    def get(self, path: str, key: str | None = None) -> requests.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return requests.get(self.url(path), headers=headers, timeout=30)
+
+    def post(self, path: str, body: dict[str, Any], key: str | None = None) -> requests.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return requests.post(self.url(path), json=body, headers=headers, timeout=60)
+
+    def service(self, *props: str) -> dict[str, str]:
+        out = self.sh(f"systemctl show llama-server.service -p {','.join(props)}", check=False)
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def fingerprint(self) -> str:
+        """What a deploy would change: files it writes, packages, the service's start."""
+        return self.sh(
+            "set +e; for p in /etc/systemd/system/llama-server.service /etc/llama-server"
+            " /opt/llama.cpp /opt/llamahost /var/lib/llama-models; do"
+            " find $p -printf '%p %M %u %g %s %T@\\n' 2>/dev/null; done | sort;"
+            " dpkg-query -W -f '${Package} ${Version}\\n' | md5sum;"
+            " systemctl show llama-server.service -p ActiveEnterTimestampMonotonic,NRestarts",
+            check=False,
+        )
+
+
+def _missing_prerequisites() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (debootstrap and systemd-nspawn)"
+    for tool in ("debootstrap", "systemd-nspawn", "ssh", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (make sysdeps installs it)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    missing = _missing_prerequisites()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"end-to-end tests cannot run in CI: {missing}")
+        pytest.skip(f"end-to-end tests skipped: {missing}")
+    archive()
+    hub_root = tmp_path_factory.mktemp("hub")
+    (hub_root / MODEL_REPO).mkdir(parents=True)
+    write_tiny(str(hub_root / MODEL_REPO / MODEL_FILE))
+    name = f"e2e-{os.getpid()}"
+    with HubServer(hub_root) as hub:
+        host = testhost.create(name, free_port())
+        s = Site(host=host, hub=hub, port=free_port())
+        try:
+            yield s
+        finally:
+            testhost.destroy(name)
+            REPORTS.mkdir(exist_ok=True)
+            (REPORTS / "e2e-timings.json").write_text(json.dumps(s.timings, indent=2) + "\n")
+
+
+@pytest.fixture(scope="session")
+def deployed(site: Site) -> Run:
+    """The first deploy of the fresh host."""
+    run = site.deploy()
+    assert run.rc == 0, run.output[-4000:]
+    site.timings["first_run_s"] = round(run.seconds, 1)
+    build = site.sh("cat /opt/llama.cpp/current/logs/build-seconds", check=False).strip()
+    if build:
+        site.timings["llama_cpp_build_s"] = float(build)
+    return run

@@ -1,0 +1,244 @@
+"""A local HTTP endpoint that speaks enough of the Hugging Face Hub API for huggingface_hub.
+
+The real client runs against it through HF_ENDPOINT; only the server is local. It serves
+files laid out as ROOT/<owner>/<name>/<file> at one commit per repository, and answers:
+
+  HEAD/GET /<owner>/<name>/resolve/<revision>/<file>      (Range honoured)
+  POST     /api/models/<owner>/<name>/paths-info/<revision>
+  GET      /api/models/<owner>/<name>/revision/<revision>
+
+Run standalone: python -m tests.support.hubserver ROOT --port N
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+_RESOLVE = re.compile(r"^/([^/]+)/([^/]+)/resolve/([^/]+)/(.+)$")
+_API = re.compile(r"^/api/models/([^/]+)/([^/]+)/(paths-info|revision)/([^/]+)$")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Hub:
+    def __init__(self, root: Path):
+        self.root = root
+        self._sha: dict[Path, tuple[float, str]] = {}
+
+    def repo_dir(self, owner: str, name: str) -> Path | None:
+        d = self.root / owner / name
+        return d if d.is_dir() else None
+
+    def commit(self, repo: Path) -> str:
+        # One commit per repository content: file names, sizes and mtimes.
+        h = hashlib.sha1(usedforsecurity=False)
+        for f in sorted(p for p in repo.rglob("*") if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(repo)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+    def sha256(self, path: Path) -> str:
+        mtime = path.stat().st_mtime
+        cached = self._sha.get(path)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, sha256_file(path))
+            self._sha[path] = cached
+        return cached[1]
+
+    def file_info(self, repo: Path, rel: str) -> dict[str, Any] | None:
+        p = repo / rel
+        if not p.is_file() or ".." in Path(rel).parts:
+            return None
+        size = p.stat().st_size
+        digest = self.sha256(p)
+        return {
+            "type": "file",
+            "path": rel,
+            "size": size,
+            "oid": hashlib.sha1(digest.encode(), usedforsecurity=False).hexdigest(),
+            "lfs": {"oid": digest, "size": size, "pointerSize": 134},
+        }
+
+
+def make_handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:  # quiet
+            pass
+
+        def _json(self, obj: object, status: int = 200) -> None:
+            body = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _not_found(self, what: str) -> None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("X-Error-Message", what)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _resolve(self, head: bool) -> None:
+            m = _RESOLVE.match(urllib.parse.unquote(self.path.split("?")[0]))
+            if not m:
+                return self._not_found("no such route")
+            owner, name, revision, rel = m.groups()
+            repo = hub.repo_dir(owner, name)
+            if repo is None:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "RepoNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            commit = hub.commit(repo)
+            if revision not in ("main", commit):
+                self.send_response(404)
+                self.send_header("X-Error-Code", "RevisionNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            info = hub.file_info(repo, rel)
+            if info is None:
+                return self._not_found(rel)
+            size = info["size"]
+            start, end = 0, size - 1
+            rng = self.headers.get("Range")
+            status = 200
+            if rng:
+                rm = re.match(r"bytes=(\d+)-(\d*)", rng)
+                if rm:
+                    start = int(rm.group(1))
+                    end = int(rm.group(2)) if rm.group(2) else size - 1
+                    status = 206
+            length = max(0, end - start + 1)
+            self.send_response(status)
+            self.send_header("X-Repo-Commit", commit)
+            self.send_header("ETag", f'"{info["lfs"]["oid"]}"')
+            self.send_header("X-Linked-Etag", f'"{info["lfs"]["oid"]}"')
+            self.send_header("X-Linked-Size", str(size))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Length", str(length))
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.end_headers()
+            if head:
+                return
+            with (repo / rel).open("rb") as f:
+                f.seek(start)
+                left = length
+                while left > 0:
+                    chunk = f.read(min(1 << 20, left))
+                    if not chunk:
+                        break
+                    self.wfile.write(chunk)
+                    left -= len(chunk)
+
+        def do_HEAD(self) -> None:
+            self._resolve(head=True)
+
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            m = _API.match(path)
+            if m and m.group(3) == "revision":
+                owner, name, _, _revision = m.groups()
+                repo = hub.repo_dir(owner, name)
+                if repo is None:
+                    return self._not_found("repo")
+                files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
+                return self._json(
+                    {
+                        "id": f"{owner}/{name}",
+                        "modelId": f"{owner}/{name}",
+                        "sha": hub.commit(repo),
+                        "private": False,
+                        "siblings": [
+                            {
+                                "rfilename": f,
+                                **{
+                                    k: v
+                                    for k, v in (hub.file_info(repo, f) or {}).items()
+                                    if k in ("size", "lfs")
+                                },
+                            }
+                            for f in files
+                        ],
+                    }
+                )
+            self._resolve(head=False)
+
+        def do_POST(self) -> None:
+            m = _API.match(self.path.split("?")[0])
+            if not m or m.group(3) != "paths-info":
+                return self._not_found("no such route")
+            owner, name, _, _revision = m.groups()
+            repo = hub.repo_dir(owner, name)
+            if repo is None:
+                return self._not_found("repo")
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length).decode()
+            if self.headers.get("Content-Type", "").startswith("application/json"):
+                paths = json.loads(body).get("paths", [])
+            else:
+                paths = urllib.parse.parse_qs(body).get("paths", [])
+            out = [i for i in (hub.file_info(repo, p) for p in paths) if i]
+            self._json(out)
+
+    return Handler
+
+
+class HubServer:
+    """Threaded server on 127.0.0.1; use as a context manager or start()/stop()."""
+
+    def __init__(self, root: Path, port: int = 0):
+        self.hub = Hub(Path(root))
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), make_handler(self.hub))
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def start(self) -> HubServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> HubServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("root")
+    ap.add_argument("--port", type=int, default=0)
+    a = ap.parse_args()
+    srv = HubServer(Path(a.root), a.port)
+    print(f"serving {os.path.abspath(a.root)} at {srv.url}", flush=True)
+    srv.httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The pinned llama.cpp source as a .tar.gz, from PyPI only (no GitHub here).
+
+llama-cpp-python 0.3.36's sdist vendors llama.cpp at the pinned commit (FACTS.md). This
+repacks its vendor/llama.cpp as llama.cpp-<commit>/ into CACHE/llama.cpp-<commit>.tar.gz,
+byte-for-byte reproducibly (sorted names, fixed owners and times), and prints the path.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from llamahost.config import PINNED_LLAMA_CPP_COMMIT
+from tests.support.testhost import CACHE
+
+SDIST = "llama-cpp-python==0.3.36"
+
+
+def archive() -> Path:
+    out = CACHE / f"llama.cpp-{PINNED_LLAMA_CPP_COMMIT}.tar.gz"
+    if out.exists():
+        return out
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        t = Path(tmp)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                str(t / "dl"),
+                SDIST,
+            ],
+            check=True,
+        )
+        (sdist,) = (t / "dl").glob("*.tar.gz")
+        subprocess.run(["tar", "-xzf", str(sdist), "-C", str(t)], check=True)
+        (vendor,) = t.glob("llama_cpp_python-*/vendor/llama.cpp")
+        top = f"llama.cpp-{PINNED_LLAMA_CPP_COMMIT}"
+        vendor.rename(t / top)
+        partial = out.with_suffix(".partial")
+        tar = t / "src.tar"
+        subprocess.run(
+            [
+                "tar",
+                "--sort=name",
+                "--mtime=@0",
+                "--owner=0",
+                "--group=0",
+                "--numeric-owner",
+                "-cf",
+                str(tar),
+                top,
+            ],
+            check=True,
+            cwd=t,
+        )
+        with tar.open("rb") as src, gzip.GzipFile(partial, "wb", mtime=0) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        partial.rename(out)
+    return out
+
+
+if __name__ == "__main__":
+    print(archive())

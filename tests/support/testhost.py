@@ -1,0 +1,242 @@
+"""Fresh Debian 12 hosts with real systemd on this machine, reached over SSH like a VM.
+
+debootstrap builds one minimal root filesystem (cached); each host is a copy of it booted
+with systemd-nspawn, sharing the machine's network, its sshd on its own loopback port, with
+its own host key (written to a known_hosts file) and root key. Recipe: FACTS.md.
+
+  python -m tests.support.testhost create NAME --ssh-port 2222
+  python -m tests.support.testhost destroy NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("LLAMAHOST_CACHE", REPO / ".cache"))
+MIRROR = os.environ.get("LLAMAHOST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+PACKAGES = "systemd,systemd-sysv,dbus,openssh-server,python3,ca-certificates,sudo"
+
+
+@dataclass
+class TestHost:
+    name: str
+    ssh_port: int
+    key: str
+    known_hosts: str
+    pid: int
+
+    @property
+    def dir(self) -> Path:
+        return CACHE / "hosts" / self.name
+
+    def ssh_argv(self, command: str) -> list[str]:
+        return [
+            "ssh",
+            "-p",
+            str(self.ssh_port),
+            "-i",
+            self.key,
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            "root@127.0.0.1",
+            command,
+        ]
+
+    def run(
+        self, command: str, check: bool = True, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.ssh_argv(command), capture_output=True, text=True, check=check, timeout=timeout
+        )
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+            return True
+        except OSError:
+            return False
+
+
+def _log(msg: str) -> None:
+    print(f"[testhost] {msg}", file=sys.stderr, flush=True)
+
+
+def base_rootfs() -> Path:
+    """The cached debootstrap tree; built once (about a minute)."""
+    root = CACHE / "rootfs" / "bookworm"
+    if (root / "etc" / "debian_version").exists():
+        return root
+    tmp = root.with_name("bookworm.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    _log(f"debootstrap bookworm from {MIRROR}")
+    subprocess.run(
+        ["debootstrap", "--variant=minbase", f"--include={PACKAGES}", "bookworm", str(tmp), MIRROR],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    # Every host gets its own host keys and machine id.
+    for key in (tmp / "etc" / "ssh").glob("ssh_host_*"):
+        key.unlink()
+    (tmp / "etc" / "machine-id").write_text("")
+    tmp.rename(root)
+    return root
+
+
+_PEM = re.compile(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+SYSTEM_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def trust_local_cas(rootfs: Path) -> None:
+    """Trust the certificate authorities this machine trusts beyond Debian's list.
+
+    A VM in this machine's network would be given them too (this network inspects TLS to
+    the package registries). They go to /usr/local/share/ca-certificates, which survives
+    update-ca-certificates runs, and into the current bundle.
+    """
+    if not SYSTEM_BUNDLE.exists():
+        return
+    bundle = rootfs / "etc" / "ssl" / "certs" / "ca-certificates.crt"
+    known = set(_PEM.findall(bundle.read_text())) if bundle.exists() else set()
+    extra = [c for c in _PEM.findall(SYSTEM_BUNDLE.read_text()) if c not in known]
+    local = rootfs / "usr" / "local" / "share" / "ca-certificates"
+    local.mkdir(parents=True, exist_ok=True)
+    for i, cert in enumerate(extra):
+        (local / f"build-machine-{i}.crt").write_text(cert + "\n")
+    if extra:
+        with bundle.open("a") as f:
+            f.write("".join(c + "\n" for c in extra))
+
+
+def _state_file(name: str) -> Path:
+    return CACHE / "hosts" / name / "host.json"
+
+
+def load(name: str) -> TestHost | None:
+    f = _state_file(name)
+    if not f.exists():
+        return None
+    return TestHost(**json.loads(f.read_text()))
+
+
+def create(name: str, ssh_port: int, boot_timeout: float = 120) -> TestHost:
+    old = load(name)
+    if old is not None:
+        destroy(name)
+    hdir = CACHE / "hosts" / name
+    shutil.rmtree(hdir, ignore_errors=True)
+    hdir.mkdir(parents=True)
+    rootfs = hdir / "rootfs"
+    _log(f"{name}: copying the base root filesystem")
+    subprocess.run(["cp", "-a", "--reflink=auto", str(base_rootfs()), str(rootfs)], check=True)
+
+    key = hdir / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    ssh_dir = rootfs / "root" / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    (ssh_dir / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
+    os.chmod(ssh_dir / "authorized_keys", 0o600)
+
+    host_key = rootfs / "etc" / "ssh" / "ssh_host_ed25519_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
+    known = hdir / "known_hosts"
+    pub = host_key.with_suffix(".pub").read_text().split()
+    known.write_text(f"[127.0.0.1]:{ssh_port} {pub[0]} {pub[1]}\n")
+    (rootfs / "etc" / "ssh" / "sshd_config.d" / "testhost.conf").write_text(
+        f"Port {ssh_port}\nListenAddress 127.0.0.1\nHostKey /etc/ssh/ssh_host_ed25519_key\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+    )
+    (rootfs / "etc" / "hostname").write_text(name + "\n")
+    trust_local_cas(rootfs)
+
+    with open(hdir / "console.log", "ab") as log:
+        proc = subprocess.Popen(
+            [
+                "systemd-nspawn",
+                "-q",
+                "-D",
+                str(rootfs),
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+                "-M",
+                name,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    th = TestHost(name, ssh_port, str(key), str(known), proc.pid)
+    _state_file(name).write_text(json.dumps(asdict(th)))
+
+    deadline = time.monotonic() + boot_timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{name}: systemd-nspawn exited {proc.returncode}; see {hdir}/console.log"
+            )
+        try:
+            r = th.run("systemctl is-system-running --wait", check=False, timeout=60)
+            if r.stdout.strip() in ("running", "degraded"):
+                break
+        except subprocess.TimeoutExpired:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name}: not up after {boot_timeout}s; see {hdir}/console.log")
+        time.sleep(1)
+    _log(f"{name}: up, ssh -p {ssh_port} -i {key} root@127.0.0.1")
+    return th
+
+
+def destroy(name: str) -> None:
+    th = load(name)
+    hdir = CACHE / "hosts" / name
+    if th is not None and th.alive():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            th.run("systemctl poweroff", check=False, timeout=15)
+        for _ in range(60):
+            if not th.alive():
+                break
+            time.sleep(0.5)
+        else:
+            os.killpg(th.pid, signal.SIGKILL)
+            time.sleep(1)
+    shutil.rmtree(hdir, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("create")
+    c.add_argument("name")
+    c.add_argument("--ssh-port", type=int, required=True)
+    d = sub.add_parser("destroy")
+    d.add_argument("name")
+    a = ap.parse_args()
+    if a.cmd == "create":
+        create(a.name, a.ssh_port)
+    else:
+        destroy(a.name)
+
+
+if __name__ == "__main__":
+    main()

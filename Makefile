@@ -6,13 +6,15 @@ INVENTORY ?= inventory/prod.py
 # debootstrap + systemd-nspawn make the local test host; ssh reaches it.
 SYSTEM_PACKAGES := debootstrap systemd-container openssh-client curl ca-certificates
 
-.PHONY: help sysdeps venv lint unit e2e test demo demo-destroy
+.PHONY: help sysdeps venv lint unit e2e test demo demo-destroy plan lock
 
 help:
 	@echo "make demo          bring up the local Debian 12 host serving llama-server (tiny model)"
 	@echo "make demo-destroy  remove the local host"
 	@echo "make test          lint, type-check, unit tests, end-to-end tests on a fresh local host"
 	@echo "make unit          fast tests of the pure logic"
+	@echo "make plan INVENTORY=...  memory fit, per-conversation context, command line per host"
+	@echo "make lock INVENTORY=...  pin each host's model (file, commit, sha256) in <inventory>.lock.json"
 	@echo "production:        pyinfra $(INVENTORY) deploy.py"
 
 sysdeps:
@@ -41,6 +43,12 @@ e2e: sysdeps venv
 
 test: sysdeps venv lint
 	$(BIN)/pytest -q --junitxml=reports/junit.xml
+
+plan: venv
+	$(BIN)/python -m llamahost plan $(INVENTORY)
+
+lock: venv
+	$(BIN)/python -m llamahost lock $(INVENTORY)
 
 demo: sysdeps venv
 	$(BIN)/python -m tests.support.demo up

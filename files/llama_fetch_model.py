@@ -64,7 +64,13 @@ def main() -> int:
         if a.group:
             shutil.chown(got, group=a.group)
         os.chmod(got, 0o640)
+        # The sidecar says "verified, with this sha256". It is renamed after the model, so a
+        # crash in between leaves a model without it, which a pinned deploy fetches again.
+        with open(a.dest + ".sha256.tmp", "w") as f:
+            f.write(digest + "\n")
+        os.chmod(a.dest + ".sha256.tmp", 0o644)
         os.replace(got, a.dest)
+        os.replace(a.dest + ".sha256.tmp", a.dest + ".sha256")
         print(f"{a.dest}: {size} bytes, sha256 {digest}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -34,6 +34,8 @@ hosts = [
             # No internet beyond package registries: upload the source archive.
             "llama_cpp_source": "archive",
             "llama_cpp_archive": str(_CACHE / f"llama.cpp-{PINNED_LLAMA_CPP_COMMIT}.tar.gz"),
+            # The model lock (make lock INVENTORY=inventory/local.py), when one is wanted.
+            "llama_model_lock": os.environ.get("LLAMAHOST_LOCAL_LOCK") or None,
         },
     )
 ]

@@ -204,8 +204,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "model_file",
         "Seed-OSS-36B-Instruct-UD-Q5_K_XL.gguf",
-        pattern(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.gguf", "a non-empty GGUF file name (NAME.gguf)"),
-        "File in the repository.",
+        pattern(
+            r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.gguf|[A-Za-z0-9_]+",
+            "a non-empty GGUF file name (NAME.gguf) or a quantisation tag like Q5_K_XL",
+        ),
+        "File in the repository, or a quantisation tag that the lock resolves.",
     ),
     Setting(
         "model_revision",
@@ -215,6 +218,24 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("model_sha256", None, optional(sha256_hex), "Expected sha256; checked when set."),
     Setting("model_dir", "/var/lib/llama-models", abs_path, "Where models are stored."),
+    Setting(
+        "model_lock",
+        None,
+        optional(pattern(r"[^\x00-\x1f\x7f]+\.lock\.json", "a path ending in .lock.json")),
+        "Controller path of the model lock; when set, hosts serve exactly what it pins.",
+    ),
+    Setting(
+        "gpu_memory_mib",
+        40960,
+        integer(1024, 1 << 22),
+        "GPU memory the plan fits into (A100 40GB: 40960, nvidia-smi memory.total).",
+    ),
+    Setting(
+        "vram_reserve_mib",
+        1024,
+        integer(0, 1 << 20),
+        "Held back for the CUDA context, cuBLAS workspace and fragmentation.",
+    ),
     Setting("hf_endpoint", None, optional(http_url), "`HF_ENDPOINT`: a Hub mirror."),
     Setting("hf_venv", "/opt/llamahost/hf-venv", abs_path, "Venv with huggingface_hub."),
     Setting(
@@ -321,6 +342,9 @@ class HostConfig:
     model_revision: str
     model_sha256: str | None
     model_dir: str
+    model_lock: str | None
+    gpu_memory_mib: int
+    vram_reserve_mib: int
     hf_endpoint: str | None
     hf_venv: str
     hf_hub_version: str

@@ -39,20 +39,34 @@ _GUIDE_COMMON: dict[str, Any] = {
     "fit": False,
 }
 
+# Context sizes deliver what the guide promises each profile (README, "Profiles"): at the
+# pinned llama.cpp `-c` is the total over all slots, so the guide's own values gave every
+# conversation 4096 tokens (5461 in long-context). Measured against the memory plan of an
+# A100 40GB (`make plan`): each keeps at least 12% of the GPU free.
 PROFILES: dict[str, dict[str, Any]] = {
     # A: internal chatbot, short/medium requests, few users; time to first token first.
-    "low-latency": {**_GUIDE_COMMON, "context": 16384, "micro_batch": 1024, "parallel": 4},
+    # 16k guaranteed to each of 4 conversations: 4 x 16384 cells, split.
+    "low-latency": {**_GUIDE_COMMON, "context": 65536, "micro_batch": 1024, "parallel": 4},
     # B: longer context and/or more concurrent slots. The guide's section 2 adds
-    # --cache-reuse 1024 here (section 6 omits it); we keep it.
+    # --cache-reuse 1024 here (section 6 omits it); we keep it. One 64k pool shared by 8
+    # slots: any conversation can grow past 32k; 8k each when all 8 are full.
     "balanced": {
         **_GUIDE_COMMON,
-        "context": 32768,
+        "context": 65536,
+        "kv_unified": True,
         "micro_batch": 2048,
         "parallel": 8,
         "cache_reuse": 1024,
     },
-    # C: 32k, stability first, when B runs out of VRAM under many users.
-    "long-context": {**_GUIDE_COMMON, "context": 32768, "micro_batch": 1024, "parallel": 6},
+    # C: 32k, stability first, when B runs out of VRAM under many users: the smaller -ub
+    # of the guide and 6 slots over one 64k pool: two conversations at 32k at once.
+    "long-context": {
+        **_GUIDE_COMMON,
+        "context": 65536,
+        "kv_unified": True,
+        "micro_batch": 1024,
+        "parallel": 6,
+    },
     # Not in the guide: the same shape without GPU flags and with a small context, for
     # hosts without a GPU (the demo and the tests, with a tiny model).
     "cpu-demo": {

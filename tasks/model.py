@@ -8,7 +8,7 @@ import shlex
 
 from pyinfra.api.operation import OperationMeta
 from pyinfra.context import host
-from pyinfra.facts.files import File
+from pyinfra.facts.files import File, FileContents
 from pyinfra.operations import files, pip, server
 
 from llamahost.config import HostConfig
@@ -38,8 +38,12 @@ def download(cfg: HostConfig) -> OperationMeta | None:
         group=cfg.service_user,
         mode="0750",
     )
+    # Present and verified (the fetch script writes the sidecar only after checking the
+    # sha256): nothing to do. A file whose sidecar does not match is fetched again.
     if host.get_fact(File, path=cfg.model_path):
-        return None
+        verified = host.get_fact(FileContents, path=cfg.model_path + ".sha256")
+        if cfg.model_sha256 is None or (verified and verified[0].strip() == cfg.model_sha256):
+            return None
     argv = [
         f"{cfg.hf_venv}/bin/python",
         FETCH_SCRIPT,

@@ -1,21 +1,41 @@
-"""Validate the host's inventory data before any operation is planned.
+"""Validate the host's inventory data and plan its memory before any operation is planned.
 
 pyinfra runs deploy.py for every host before it executes anything, so an error raised
 here stops the whole run with no host changed.
 """
 
+from pyinfra import logger
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.context import host
 from pyinfra.facts.hardware import Cpus
 
+from llamahost import lock as locks
 from llamahost.config import ConfigError, HostConfig, resolve
+from llamahost.plan import model_shape, plan_host, render
 
 
 def host_config() -> HostConfig:
+    """The host's configuration, pinned by the model lock when one is configured."""
     try:
-        return resolve(host.name, host.data.dict())
-    except ConfigError as e:
+        cfg = resolve(host.name, host.data.dict())
+        models = locks.load(cfg.model_lock) if cfg.model_lock else None
+    except (ConfigError, locks.LockError) as e:
         raise PyinfraError(str(e)) from None
+    shape, source = (None, "lock")
+    if not (models and locks.entry_for(cfg, models)):
+        shape, source = model_shape(cfg)
+    try:
+        hp = plan_host(cfg, models, shape, source)
+    except locks.LockError as e:
+        raise PyinfraError(str(e)) from None
+    if not hp.fits:
+        raise PyinfraError(
+            f"host {host.name!r}: the plan refuses this configuration (nothing was changed):\n"
+            + render(hp)
+        )
+    if hp.est is None:
+        logger.warning(f"[{host.name}] no model metadata: memory not planned ({source})")
+    return hp.cfg
 
 
 def build_jobs(cfg: HostConfig, cpus: int) -> int:

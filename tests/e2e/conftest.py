@@ -78,14 +78,20 @@ class Site:
     port: int
     timings: dict[str, float] = field(default_factory=dict)
 
-    def deploy(self, *extra: str, inventory: str = "inventory/local.py") -> Run:
-        env = {
+    def env(self) -> dict[str, str]:
+        """The environment that points inventory/local.py at this host."""
+        return {
             **os.environ,
             "LLAMAHOST_LOCAL_HOST": self.host.name,
             "LLAMAHOST_LOCAL_SSH_PORT": str(self.host.ssh_port),
             "LLAMAHOST_LOCAL_PORT": str(self.port),
             "LLAMAHOST_LOCAL_HUB": self.hub.url,
         }
+
+    def deploy(
+        self, *extra: str, inventory: str = "inventory/local.py", env: dict[str, str] | None = None
+    ) -> Run:
+        env = env or self.env()
         argv = [sys.executable, "-m", "pyinfra", "-y", "--json", inventory, "deploy.py", *extra]
         t0 = time.monotonic()
         p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)

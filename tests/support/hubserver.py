@@ -75,6 +75,16 @@ class Hub:
         }
 
 
+def _sibling(hub: Hub, repo: Path, rel: str) -> dict[str, Any]:
+    """A file as model_info lists it: the LFS part carries "sha256", not "oid"."""
+    info = hub.file_info(repo, rel) or {}
+    out: dict[str, Any] = {"rfilename": rel, "size": info.get("size")}
+    if "lfs" in info:
+        lfs = info["lfs"]
+        out["lfs"] = {"sha256": lfs["oid"], "size": lfs["size"], "pointerSize": lfs["pointerSize"]}
+    return out
+
+
 def make_handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -127,8 +137,14 @@ def make_handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                 rm = re.match(r"bytes=(\d+)-(\d*)", rng)
                 if rm:
                     start = int(rm.group(1))
-                    end = int(rm.group(2)) if rm.group(2) else size - 1
+                    end = min(int(rm.group(2)) if rm.group(2) else size - 1, size - 1)
                     status = 206
+                    if start >= size:
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{size}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
             length = max(0, end - start + 1)
             self.send_response(status)
             self.send_header("X-Repo-Commit", commit)
@@ -170,17 +186,7 @@ def make_handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                         "modelId": f"{owner}/{name}",
                         "sha": hub.commit(repo),
                         "private": False,
-                        "siblings": [
-                            {
-                                "rfilename": f,
-                                **{
-                                    k: v
-                                    for k, v in (hub.file_info(repo, f) or {}).items()
-                                    if k in ("size", "lfs")
-                                },
-                            }
-                            for f in files
-                        ],
+                        "siblings": [_sibling(hub, repo, f) for f in files],
                     }
                 )
             self._resolve(head=False)

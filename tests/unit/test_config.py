@@ -18,6 +18,7 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"llama_port": True}, "llama_port", "must be an integer"),
     ({"llama_model_file": ""}, "llama_model_file", "a non-empty GGUF file name"),
     ({"llama_model_file": "m.bin"}, "llama_model_file", "a non-empty GGUF file name"),
+    ({"llama_model_file": "Q5 K"}, "llama_model_file", "or a quantisation tag"),
     ({"llama_alias": "x\nExecStartPre=/bin/sh"}, "llama_alias", "1-128 of letters"),
     ({"llama_alias": "ok\n"}, "llama_alias", "1-128 of letters"),
     ({"llama_model_revision": "main\nUser=root"}, "llama_model_revision", "a branch, tag"),

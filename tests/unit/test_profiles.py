@@ -41,11 +41,20 @@ def as_flags(argv: list[str]) -> dict[str, str | None]:
     return out
 
 
+# Context sizing so each profile delivers the per-conversation context the guide promises
+# (README, "Profiles"): the total -c, and a unified KV pool where the slots share it.
+SIZING: dict[str, dict[str, str | None]] = {
+    "low-latency": {"-c": "65536"},
+    "balanced": {"-c": "65536", "--kv-unified": None},
+    "long-context": {"-c": "65536", "--kv-unified": None},
+}
+
+
 def corrected(
-    guide: dict[str, str | None], cpus: int, model: str, keyfile: str
+    profile: str, guide: dict[str, str | None], cpus: int, model: str, keyfile: str
 ) -> dict[str, str | None]:
     """The documented corrections (README, "Profiles"), applied to the guide's flags."""
-    fixed = dict(guide)
+    fixed = {**guide, **SIZING[profile]}
     del fixed["-hf"]  # the model is pre-downloaded: -m with a local path
     fixed["-m"] = model
     del fixed["--chat-template"]  # a literal Jinja template under --jinja: use the embedded one
@@ -62,7 +71,7 @@ def test_guide_profiles_render_the_guides_flags(profile: str) -> None:
     cfg = resolve("gpu-1", {"llama_profile": profile})
     ours = as_flags(server_args(cfg, cpu_count=32))
     guide = as_flags(shlex.split(GUIDE[profile].replace("$(nproc)", "'$(nproc)'")))
-    assert ours == corrected(guide, 32, cfg.model_path, cfg.api_key_file)
+    assert ours == corrected(profile, guide, 32, cfg.model_path, cfg.api_key_file)
 
 
 def test_cpu_demo_has_the_same_shape_without_gpu_flags() -> None:
@@ -70,7 +79,7 @@ def test_cpu_demo_has_the_same_shape_without_gpu_flags() -> None:
     flags = as_flags(server_args(cfg, cpu_count=2))
     assert "-ngl" not in flags and "--device" not in flags
     balanced = as_flags(server_args(resolve("gpu-1", {}), cpu_count=2))
-    assert set(flags) == set(balanced) - {"-ngl", "--device", "--cache-reuse"}
+    assert set(flags) == set(balanced) - {"-ngl", "--device", "--cache-reuse", "--kv-unified"}
     assert flags["-c"] == "4096" and flags["--parallel"] == "2"
 
 
@@ -78,7 +87,7 @@ def test_overrides_win_over_the_profile() -> None:
     cfg = resolve("h", {"llama_profile": "low-latency", "llama_parallel": 2, "llama_port": 9000})
     flags = as_flags(server_args(cfg, cpu_count=8))
     assert flags["--parallel"] == "2" and flags["--port"] == "9000"
-    assert flags["-c"] == "16384"
+    assert flags["-c"] == "65536"
 
 
 def test_builtin_template_is_used_without_jinja() -> None:

@@ -1,10 +1,17 @@
 """Download one GGUF from the Hub (or HF_ENDPOINT) and promote it only once verified.
 
-Runs on the host, in the venv that holds huggingface_hub. The file is downloaded into a
-staging directory on the same filesystem as its destination, its size is checked against
-the Hub's metadata and its sha256 against the expected one (given, or else the Hub's LFS
-sha256), and only then is it renamed into place: a partial or wrong file is never served.
-A token, when needed, comes from HF_TOKEN in the environment, never from the command line.
+Runs on the host, in the venv that holds huggingface_hub. huggingface_hub resolves the file
+(size, LFS sha256), builds the URL and the authentication headers; the bytes are fetched
+here, because since 1.18 the library deletes a partial file on failure and a 26 GB download
+cut at 90% would start again from zero. Here:
+
+* the partial file lives in DEST_DIR/.partial/ (same filesystem as the destination) and a
+  rerun continues it with an HTTP Range request;
+* free space for the rest of the file plus a margin is checked before any byte moves;
+* size and sha256 (the pinned one, or the Hub's) are checked before the file is renamed
+  into place; a wrong file is deleted, never promoted;
+* progress (bytes, rate, time left) goes to stdout and to --log every --every seconds;
+* a token, when needed, is read from --token-file, never from the command line.
 """
 
 from __future__ import annotations
@@ -14,18 +21,51 @@ import hashlib
 import os
 import shutil
 import sys
-import tempfile
+import time
+from typing import IO
 
-from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub import HfApi, constants, get_session, hf_hub_url
 from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils._headers import build_hf_headers
+
+CHUNK = 1 << 20  # at most this much is lost when the connection drops
+MIB = 1 << 20
 
 
-def sha256_of(path: str) -> str:
+class Progress:
+    def __init__(self, total: int, start: int, every: float, log: IO[str] | None):
+        self.total, self.start, self.every, self.log = total, start, every, log
+        self.t0 = self.last = time.monotonic()
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+        if self.log:
+            self.log.write(time.strftime("%Y-%m-%dT%H:%M:%S ") + text + "\n")
+            self.log.flush()
+
+    def update(self, done: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.last < self.every:
+            return
+        self.last = now
+        moved = done - self.start
+        rate = moved / max(now - self.t0, 1e-6)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        eta = f"{left:.0f}s" if left != float("inf") else "?"
+        self.say(
+            f"downloaded {done // MIB} of {self.total // MIB} MiB "
+            f"({100 * done // max(self.total, 1)}%), {rate / MIB:.1f} MiB/s, {eta} left"
+        )
+
+
+def sha256_prefix(path: str) -> tuple[hashlib._Hash, int]:
     h = hashlib.sha256()
+    n = 0
     with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
+        while chunk := f.read(CHUNK):
             h.update(chunk)
-    return h.hexdigest()
+            n += len(chunk)
+    return h, n
 
 
 def main() -> int:
@@ -36,44 +76,105 @@ def main() -> int:
     ap.add_argument("--dest", required=True, help="final path of the model file")
     ap.add_argument("--sha256", default=None, help="expected sha256 (default: the Hub's)")
     ap.add_argument("--group", default=None, help="group that may read the file")
+    ap.add_argument("--token-file", default=None, help="file holding a Hub token")
+    ap.add_argument("--margin-mib", type=int, default=1024, help="free space kept spare")
+    ap.add_argument("--every", type=float, default=10.0, help="seconds between progress lines")
+    ap.add_argument("--log", default=None, help="also append progress here")
     a = ap.parse_args()
 
-    info = HfApi().get_paths_info(a.repo, [a.file], revision=a.revision)
-    if not info:
+    token = None
+    if a.token_file:
+        with open(a.token_file) as f:
+            token = f.read().strip() or None
+        os.unlink(a.token_file)  # used once, by this process only
+
+    infos = HfApi(token=token).get_paths_info(a.repo, [a.file], revision=a.revision)
+    meta = infos[0] if infos else None
+    if not isinstance(meta, RepoFile):
         print(f"{a.repo}@{a.revision} has no file {a.file}", file=sys.stderr)
         return 2
-    meta = info[0]
-    if not isinstance(meta, RepoFile):
-        print(f"{a.repo}@{a.revision}: {a.file} is a folder", file=sys.stderr)
-        return 2
+    size = meta.size
     expected = a.sha256 or (meta.lfs.sha256 if meta.lfs else None)
 
     dest_dir = os.path.dirname(a.dest)
-    os.makedirs(dest_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".staging-", dir=dest_dir)
-    try:
-        got = hf_hub_download(a.repo, a.file, revision=a.revision, local_dir=staging)
-        size = os.path.getsize(got)
-        if meta.size is not None and size != meta.size:
-            print(f"size {size} != {meta.size} expected; not promoted", file=sys.stderr)
-            return 3
-        digest = sha256_of(got)
-        if expected and digest != expected:
-            print(f"sha256 {digest} != {expected} expected; not promoted", file=sys.stderr)
-            return 3
-        if a.group:
-            shutil.chown(got, group=a.group)
-        os.chmod(got, 0o640)
-        # The sidecar says "verified, with this sha256". It is renamed after the model, so a
-        # crash in between leaves a model without it, which a pinned deploy fetches again.
-        with open(a.dest + ".sha256.tmp", "w") as f:
-            f.write(digest + "\n")
-        os.chmod(a.dest + ".sha256.tmp", 0o644)
-        os.replace(got, a.dest)
-        os.replace(a.dest + ".sha256.tmp", a.dest + ".sha256")
-        print(f"{a.dest}: {size} bytes, sha256 {digest}")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    partial_dir = os.path.join(dest_dir, ".partial")
+    os.makedirs(partial_dir, mode=0o750, exist_ok=True)
+    tag = (expected or a.revision)[:16]
+    part = os.path.join(partial_dir, f"{os.path.basename(a.dest)}.{tag}.part")
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    if have > size:
+        os.unlink(part)
+        have = 0
+
+    # Before any byte moves: room for the rest of the file and the margin.
+    free = shutil.disk_usage(partial_dir).free
+    need = size - have + a.margin_mib * MIB
+    if free < need:
+        print(
+            f"not enough space in {partial_dir}: {free} bytes free, {need} needed "
+            f"({size - have} still to download + {a.margin_mib} MiB margin); nothing downloaded",
+            file=sys.stderr,
+        )
+        return 4
+
+    log = open(a.log, "a") if a.log else None  # noqa: SIM115  (open for the whole run)
+    progress = Progress(size, have, a.every, log)
+    h, hashed = sha256_prefix(part) if have else (hashlib.sha256(), 0)
+    assert hashed == have
+    url = hf_hub_url(a.repo, a.file, revision=a.revision, endpoint=constants.ENDPOINT)
+    headers = build_hf_headers(token=token)
+    if have:
+        headers["Range"] = f"bytes={have}-"
+        progress.say(f"resuming {a.file} at {have} of {size} bytes")
+    transferred = 0
+    if have < size:
+        try:
+            # huggingface_hub's own HTTP client: its proxies, retries and user agent.
+            with get_session().stream("GET", url, headers=headers, timeout=60) as r:
+                r.raise_for_status()
+                if have and r.status_code != 206:
+                    print(f"{url}: the server ignored the Range request", file=sys.stderr)
+                    return 5
+                with open(part, "ab") as out:
+                    for chunk in r.iter_bytes(CHUNK):
+                        out.write(chunk)
+                        h.update(chunk)
+                        have += len(chunk)
+                        transferred += len(chunk)
+                        progress.update(have)
+                    out.flush()
+                    os.fsync(out.fileno())
+        except Exception as e:  # any transfer failure: keep what arrived
+            progress.say(f"transferred {transferred} bytes in this run")
+            print(
+                f"download of {a.file} stopped at {have} of {size} bytes ({e}); "
+                "the next run continues from there",
+                file=sys.stderr,
+            )
+            return 6
+    progress.update(have, final=True)
+    progress.say(f"transferred {transferred} bytes in this run")
+
+    digest = h.hexdigest()
+    if have != size or (expected and digest != expected):
+        os.unlink(part)  # a wrong file is never resumed either
+        print(
+            f"{a.file}: size {have} (expected {size}), sha256 {digest} (expected {expected}); "
+            "not promoted",
+            file=sys.stderr,
+        )
+        return 3
+    if a.group:
+        shutil.chown(part, group=a.group)
+    os.chmod(part, 0o640)
+    # The sidecar says "verified, with this sha256". It is renamed after the model, so a
+    # crash in between leaves a model without it, which a pinned deploy fetches again.
+    with open(a.dest + ".sha256.tmp", "w") as f:
+        f.write(digest + "\n")
+    os.chmod(a.dest + ".sha256.tmp", 0o644)
+    os.replace(part, a.dest)
+    os.replace(a.dest + ".sha256.tmp", a.dest + ".sha256")
+    progress.say(f"{a.dest}: {size} bytes, sha256 {digest}")
     return 0
 
 

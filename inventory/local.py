@@ -36,6 +36,8 @@ hosts = [
             "llama_cpp_archive": str(_CACHE / f"llama.cpp-{PINNED_LLAMA_CPP_COMMIT}.tar.gz"),
             # The model lock (make lock INVENTORY=inventory/local.py), when one is wanted.
             "llama_model_lock": os.environ.get("LLAMAHOST_LOCAL_LOCK") or None,
+            # A token for gated repositories comes from the environment, never from here.
+            "llama_hf_token": os.environ.get("LLAMAHOST_LOCAL_HF_TOKEN") or None,
         },
     )
 ]

@@ -17,6 +17,8 @@ _common = {
     # Set LLAMA_API_KEY in the controller's environment to choose the key; otherwise each
     # host generates its own in /etc/llama-server/api-key.
     "llama_api_key": os.environ.get("LLAMA_API_KEY") or None,
+    # For gated or private repositories: HF_TOKEN in the controller's environment.
+    "llama_hf_token": os.environ.get("HF_TOKEN") or None,
 }
 
 # One A100 40GB per host; one host per profile as an example fleet.

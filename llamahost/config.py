@@ -237,6 +237,18 @@ SETTINGS: tuple[Setting, ...] = (
         "Held back for the CUDA context, cuBLAS workspace and fragmentation.",
     ),
     Setting("hf_endpoint", None, optional(http_url), "`HF_ENDPOINT`: a Hub mirror."),
+    Setting(
+        "hf_token",
+        None,
+        optional(pattern(r"[A-Za-z0-9._~+/=-]{8,256}", "8-256 of letters, digits and ._~+/=-")),
+        "Hub token for gated or private repositories; read it from the environment.",
+    ),
+    Setting(
+        "model_disk_margin_mib",
+        2048,
+        integer(0, 1 << 22),
+        "Free space kept spare on the model filesystem after a download.",
+    ),
     Setting("hf_venv", "/opt/llamahost/hf-venv", abs_path, "Venv with huggingface_hub."),
     Setting(
         "hf_hub_version",
@@ -346,6 +358,8 @@ class HostConfig:
     gpu_memory_mib: int
     vram_reserve_mib: int
     hf_endpoint: str | None
+    hf_token: str | None
+    model_disk_margin_mib: int
     hf_venv: str
     hf_hub_version: str
     cpp_commit: str

@@ -1,10 +1,13 @@
 """The model: pre-downloaded with huggingface_hub, in a venv on the host.
 
 The file lives at a path made of repository, revision and file name, so a change of any of
-them is a new path (a new unit, a restart) and an existing path is never downloaded again.
+them is a new path (a new unit, a restart) and an existing, verified path is never
+downloaded again. The fetch script (files/llama_fetch_model.py) resumes an interrupted
+transfer, checks free space first, and promotes only a verified file.
 """
 
 import shlex
+from io import StringIO
 
 from pyinfra.api.operation import OperationMeta
 from pyinfra.context import host
@@ -14,6 +17,8 @@ from pyinfra.operations import files, pip, server
 from llamahost.config import HostConfig
 
 FETCH_SCRIPT = "/opt/llamahost/bin/llama-fetch-model"
+TOKEN_FILE = "/run/llamahost/hf-token"  # noqa: S105  (a path, not a secret)
+DOWNLOAD_LOG = "/var/log/llamahost/model-download.log"
 
 
 def download(cfg: HostConfig) -> OperationMeta | None:
@@ -44,27 +49,41 @@ def download(cfg: HostConfig) -> OperationMeta | None:
         verified = host.get_fact(FileContents, path=cfg.model_path + ".sha256")
         if cfg.model_sha256 is None or (verified and verified[0].strip() == cfg.model_sha256):
             return None
+    files.directory(name="Download log directory", path="/var/log/llamahost", mode="0750")
     argv = [
         f"{cfg.hf_venv}/bin/python",
         FETCH_SCRIPT,
-        "--repo",
-        cfg.model_repo,
-        "--file",
-        cfg.model_file,
-        "--revision",
-        cfg.model_revision,
-        "--dest",
-        cfg.model_path,
-        "--group",
-        cfg.service_user,
-    ]
+        "--repo", cfg.model_repo,
+        "--file", cfg.model_file,
+        "--revision", cfg.model_revision,
+        "--dest", cfg.model_path,
+        "--group", cfg.service_user,
+        "--margin-mib", str(cfg.model_disk_margin_mib),
+        "--every", "30",
+        "--log", DOWNLOAD_LOG,
+    ]  # fmt: skip
     if cfg.model_sha256:
         argv += ["--sha256", cfg.model_sha256]
+    if cfg.hf_token:
+        # The token reaches the host as a root-only file that the fetch script reads and
+        # deletes: never on a command line (pyinfra's _env would put it there), in a unit
+        # or in a log, and never readable by the service user.
+        files.directory(name="Runtime directory", path="/run/llamahost", mode="0700")
+        files.put(
+            name="Hub token for this download",
+            src=StringIO(cfg.hf_token + "\n"),
+            dest=TOKEN_FILE,
+            user="root",
+            group="root",
+            mode="0600",
+        )
+        argv += ["--token-file", TOKEN_FILE]
     env = {"HF_HUB_DISABLE_TELEMETRY": "1"}
     if cfg.hf_endpoint:
         env["HF_ENDPOINT"] = cfg.hf_endpoint
     return server.shell(
-        name=f"Download {cfg.model_repo}/{cfg.model_file}@{cfg.model_revision}",
+        name=f"Download {cfg.model_repo}/{cfg.model_file}@{cfg.model_revision}"
+        f" (progress: {DOWNLOAD_LOG})",
         commands=[shlex.join(argv)],
         _env=env,
     )

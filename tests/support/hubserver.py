@@ -17,7 +17,9 @@ import hashlib
 import json
 import os
 import re
+import sys
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -39,6 +41,12 @@ class Hub:
     def __init__(self, root: Path):
         self.root = root
         self._sha: dict[Path, tuple[float, str]] = {}
+        # Fault injection and accounting, set by tests (keys: "owner/name/file").
+        self.served_bytes: dict[str, int] = {}
+        self.drop_after: dict[str, int] = {}  # close the connection after N bytes, once
+        self.corrupt: set[str] = set()  # serve the bytes with one flipped
+        self.tokens: dict[str, str] = {}  # owner -> the bearer token its repos require
+        self.rate: float | None = None  # bytes per second per connection, to interrupt
 
     def repo_dir(self, owner: str, name: str) -> Path | None:
         d = self.root / owner / name
@@ -112,6 +120,8 @@ def make_handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             if not m:
                 return self._not_found("no such route")
             owner, name, revision, rel = m.groups()
+            if not self._authorised(owner):
+                return
             repo = hub.repo_dir(owner, name)
             if repo is None:
                 self.send_response(404)
@@ -158,15 +168,41 @@ def make_handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if head:
                 return
+            key = f"{owner}/{name}/{rel}"
+            drop = hub.drop_after.pop(key, None)
             with (repo / rel).open("rb") as f:
                 f.seek(start)
-                left = length
+                left, sent = length, 0
                 while left > 0:
-                    chunk = f.read(min(1 << 20, left))
+                    chunk = f.read(min(1 << 16, left))
                     if not chunk:
                         break
+                    if key in hub.corrupt and sent == 0:
+                        chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
+                    if drop is not None and sent + len(chunk) > drop:
+                        chunk = chunk[: drop - sent]
                     self.wfile.write(chunk)
+                    if hub.rate:
+                        time.sleep(len(chunk) / hub.rate)
+                    sent += len(chunk)
                     left -= len(chunk)
+                    hub.served_bytes[key] = hub.served_bytes.get(key, 0) + len(chunk)
+                    if drop is not None and sent >= drop:
+                        self.wfile.flush()
+                        self.close_connection = True
+                        self.connection.shutdown(2)  # a dropped connection, mid-file
+                        return
+
+        def _authorised(self, owner: str) -> bool:
+            need = hub.tokens.get(owner)
+            if need is None or self.headers.get("Authorization") == f"Bearer {need}":
+                return True
+            self.send_response(401)
+            self.send_header("X-Error-Code", "GatedRepo")
+            self.send_header("X-Error-Message", "Access to this repository is restricted.")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return False
 
         def do_HEAD(self) -> None:
             self._resolve(head=True)
@@ -176,6 +212,8 @@ def make_handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             m = _API.match(path)
             if m and m.group(3) == "revision":
                 owner, name, _, _revision = m.groups()
+                if not self._authorised(owner):
+                    return
                 repo = hub.repo_dir(owner, name)
                 if repo is None:
                     return self._not_found("repo")
@@ -211,12 +249,21 @@ def make_handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that goes away mid-file (the interruption tests) is not an error here.
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
+
 class HubServer:
     """Threaded server on 127.0.0.1; use as a context manager or start()/stop()."""
 
     def __init__(self, root: Path, port: int = 0):
         self.hub = Hub(Path(root))
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), make_handler(self.hub))
+        self.httpd = _Server(("127.0.0.1", port), make_handler(self.hub))
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

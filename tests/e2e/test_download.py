@@ -1,0 +1,130 @@
+"""Model download faults on the real test host against the local Hub endpoint.
+
+The fetch script is the one the deploy installs (/opt/llamahost/bin/llama-fetch-model),
+run in the deploy's venv on the host; the Hub endpoint injects the faults (a connection
+dropped mid-file, flipped bytes, a gated repository) and counts the bytes it serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import MODEL_FILE, MODEL_REPO, Run, Site
+
+pytestmark = pytest.mark.e2e
+
+BIG = "big.gguf"  # not a model: bytes to interrupt, fetched by the script alone
+FETCH = "/opt/llamahost/hf-venv/bin/python /opt/llamahost/bin/llama-fetch-model"
+
+
+def _add(site: Site, repo: str, name: str, data: bytes) -> Path:
+    d = site.hub.hub.root / repo
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_bytes(data)
+    return d / name
+
+
+def _fetch(
+    site: Site, repo: str, name: str, dest: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return site.host.run(
+        f"HF_ENDPOINT={site.hub.url} {FETCH} --repo {repo} --file {name} --revision main"
+        f" --dest {dest} --margin-mib 0 --every 0.2 {' '.join(extra)}",
+        check=False,
+    )
+
+
+def test_interrupted_download_is_completed_by_the_next_run(site: Site, deployed: Run) -> None:
+    data = os.urandom(48 << 20)
+    _add(site, MODEL_REPO, BIG, data)
+    key = f"{MODEL_REPO}/{BIG}"
+    dest = "/var/lib/llama-models/interrupt/big.gguf"
+    site.hub.hub.served_bytes.pop(key, None)
+    site.hub.hub.drop_after[key] = 40 << 20  # late: at 83%
+    first = _fetch(site, MODEL_REPO, BIG, dest)
+    assert first.returncode == 6, first.stderr
+    assert "the next run continues from there" in first.stderr
+    assert site.sh(f"test -e {dest} || echo absent").strip() == "absent"  # nothing promoted
+    served_first = site.hub.hub.served_bytes.pop(key)
+
+    second = _fetch(site, MODEL_REPO, BIG, dest)
+    assert second.returncode == 0, second.stderr
+    assert "resuming big.gguf at" in second.stdout
+    rerun = site.hub.hub.served_bytes.pop(key)
+    assert rerun <= len(data) - served_first + (2 << 20)  # the rest, plus at most a chunk
+    assert site.sh(f"sha256sum {dest}").split()[0] == hashlib.sha256(data).hexdigest()
+    assert "MiB/s" in second.stdout and "left" in second.stdout  # progress lines
+    site.timings["interrupted_at_bytes"] = served_first
+    site.timings["rerun_transferred_bytes"] = rerun
+    site.sh("rm -rf /var/lib/llama-models/interrupt")
+
+
+def test_corrupted_bytes_are_refused_and_the_old_model_still_served(
+    site: Site, deployed: Run
+) -> None:
+    good = (site.hub.hub.root / MODEL_REPO / MODEL_FILE).read_bytes()
+    _add(site, MODEL_REPO, "tiny-b.gguf", good)
+    site.hub.hub.corrupt.add(f"{MODEL_REPO}/tiny-b.gguf")
+    before = site.service("ActiveEnterTimestampMonotonic", "MainPID")
+    unit = site.sh("cat /etc/systemd/system/llama-server.service")
+    run = site.deploy("--data", "llama_model_file=tiny-b.gguf")
+    site.hub.hub.corrupt.discard(f"{MODEL_REPO}/tiny-b.gguf")
+    assert run.rc != 0
+    assert run.stopped_at().startswith("Download ")
+    assert "not promoted" in run.stderr
+    assert site.sh("find /var/lib/llama-models -name 'tiny-b.gguf*'").strip() == ""
+    assert site.sh("cat /etc/systemd/system/llama-server.service") == unit
+    assert site.service("ActiveEnterTimestampMonotonic", "MainPID") == before
+    assert site.get("/health").status_code == 200
+
+
+def test_too_small_a_filesystem_fails_before_the_transfer(site: Site, deployed: Run) -> None:
+    site.sh("mkdir -p /srv/small && mount -t tmpfs -o size=256k tmpfs /srv/small")
+    key = f"{MODEL_REPO}/{MODEL_FILE}"
+    served = site.hub.hub.served_bytes.get(key, 0)
+    try:
+        run = site.deploy(
+            "--data", "llama_model_dir=/srv/small", "--data", "llama_model_disk_margin_mib=0"
+        )
+        assert run.rc != 0
+        assert run.stopped_at().startswith("Download ")
+        assert "not enough space in /srv/small/" in run.stderr
+        assert "nothing downloaded" in run.stderr
+        key = f"{MODEL_REPO}/{MODEL_FILE}"
+        assert site.sh("find /srv/small -type f").strip() == ""
+        assert site.hub.hub.served_bytes.get(key, 0) == served  # not one byte of the file
+    finally:
+        site.sh("umount /srv/small; rmdir /srv/small", check=False)
+
+
+def test_gated_repository_token_is_never_visible(site: Site, deployed: Run) -> None:
+    token = "hf_" + os.urandom(16).hex()
+    repo = "gated/tiny-seed-oss-GGUF"
+    _add(site, repo, MODEL_FILE, (site.hub.hub.root / MODEL_REPO / MODEL_FILE).read_bytes())
+    site.hub.hub.tokens["gated"] = token
+    try:
+        refused = site.deploy("--data", f"llama_model_repo={repo}")
+        assert refused.rc != 0 and refused.stopped_at().startswith("Download ")
+        assert "401" in refused.stderr or "Gated" in refused.stderr
+
+        env = {**site.env(), "LLAMAHOST_LOCAL_HF_TOKEN": token}
+        # -vvv prints every command pyinfra runs: the token is on none of them.
+        run = site.deploy("-vvv", "--data", f"llama_model_repo={repo}", env=env)
+        assert run.rc == 0, run.output[-4000:]
+        assert "gated--tiny-seed-oss-GGUF" in site.sh(
+            "grep ^ExecStart= /etc/systemd/system/llama-server.service"
+        )
+    finally:
+        site.hub.hub.tokens.pop("gated", None)
+    assert token not in run.output
+    assert token not in site.sh("cat /etc/systemd/system/llama-server.service")
+    assert token not in site.sh("journalctl --no-pager -o cat", check=False)
+    assert token not in site.sh("cat /var/log/llamahost/model-download.log")
+    assert token not in site.sh("ps -eo args")
+    assert site.sh("test -e /run/llamahost/hf-token || echo gone").strip() == "gone"
+    assert site.deploy().rc == 0  # back to the inventory's model

@@ -6,13 +6,14 @@ INVENTORY ?= inventory/prod.py
 # debootstrap + systemd-nspawn make the local test host; ssh reaches it.
 SYSTEM_PACKAGES := debootstrap systemd-container openssh-client curl ca-certificates
 
-.PHONY: help sysdeps venv lint unit e2e test demo demo-destroy plan lock
+.PHONY: help sysdeps venv lint unit e2e test demo demo-destroy plan lock test-cuda-build
 
 help:
 	@echo "make demo          bring up the local Debian 12 host serving llama-server (tiny model)"
 	@echo "make demo-destroy  remove the local host"
 	@echo "make test          lint, type-check, unit tests, end-to-end tests on a fresh local host"
-	@echo "make unit          fast tests of the pure logic"
+	@echo "make unit          fast tests of the pure logic and the GPU plan tests"
+	@echo "make test-cuda-build  compile llama-server for sm_80 without a GPU (about 22 min on 2 cores)"
 	@echo "make plan INVENTORY=...  memory fit, per-conversation context, command line per host"
 	@echo "make lock INVENTORY=...  pin each host's model (file, commit, sha256) in <inventory>.lock.json"
 	@echo "production:        pyinfra $(INVENTORY) deploy.py"
@@ -36,13 +37,16 @@ lint: venv
 	$(BIN)/mypy
 
 unit: venv
-	$(BIN)/pytest -q tests/unit
+	$(BIN)/pytest -q tests/unit tests/plan
 
 e2e: sysdeps venv
 	$(BIN)/pytest -q tests/e2e
 
 test: sysdeps venv lint
 	$(BIN)/pytest -q --junitxml=reports/junit.xml
+
+test-cuda-build: venv
+	bash tests/cuda_build/run.sh
 
 plan: venv
 	$(BIN)/python -m llamahost plan $(INVENTORY)

@@ -3,23 +3,31 @@
 Reads like the bring-up checklist; each step is one module in tasks/.
 """
 
-from tasks import llama_cpp, model, packages, preflight, service
+from tasks import gpu, llama_cpp, model, packages, preflight, service
 
-# 0. Inventory data valid for this host (else the run stops before any change).
+# 0. Inventory data valid and the profile's memory planned (else the run stops before any
+#    change on any host).
 cfg = preflight.host_config()
+gpu_conf = gpu.settings()
 cpus = preflight.cpu_count()
 
 # 1. Service account, build dependencies.
 service.account(cfg)
 packages.install()
 
-# 2. llama.cpp built from the pinned commit.
-binary = llama_cpp.build(cfg, jobs=preflight.build_jobs(cfg, cpus))
+# 2. GPU stack: driver, persistence mode, CUDA toolkit; the CPU path when no GPU is found.
+stack = gpu.install(cfg, gpu_conf)
+preflight.profile_matches_hardware(cfg, stack.gpu)
 
-# 3. The model, pre-downloaded and verified.
+# 3. llama.cpp built from the pinned commit (with CUDA for the GPU's architecture).
+binary = llama_cpp.build(cfg, jobs=preflight.build_jobs(cfg, cpus), gpu_cmake_args=stack.cmake_args)
+
+# 4. The model, pre-downloaded and verified.
 fetched = model.download(cfg)
 
-# 4. API key, unit for the host's profile, start; restart only on change.
+# 5. API key, unit for the host's profile, start; restart only on change. Not while a
+#    driver reboot is pending: the GPU cannot serve until then.
 key = service.api_key(cfg)
-unit = service.unit(cfg, llama_cpp.binary_path(cfg), cpus)
-service.run(unit, [binary, key, *([fetched] if fetched else [])])
+unit = service.unit(cfg, llama_cpp.binary_path(cfg), cpus, gpu.unit_lines(stack))
+if not stack.gpu or stack.ready:
+    service.run(unit, [binary, key, *([fetched] if fetched else [])])

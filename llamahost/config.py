@@ -430,9 +430,10 @@ def _cross_checks(p: dict[str, Any], c: dict[str, Any]) -> list[FieldError]:
 def resolve(host_name: str, data: Mapping[str, Any]) -> HostConfig:
     """Validate a host's inventory data; raise ConfigError listing every bad field."""
     errors: list[FieldError] = []
+    known = setting_keys()
     for key in data:
-        if key.startswith(PREFIX) and key[len(PREFIX) :] not in BY_KEY:
-            near = difflib.get_close_matches(key, [PREFIX + k for k in BY_KEY], n=1)
+        if key.startswith(PREFIX) and key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {near[0]}?" if near else ""
             errors.append(FieldError(key, data[key], "is not a known setting" + hint))
 
@@ -463,8 +464,11 @@ def resolve(host_name: str, data: Mapping[str, Any]) -> HostConfig:
 
 
 def setting_keys() -> list[str]:
-    """All inventory keys, for documentation checks."""
-    return [PREFIX + s.key for s in SETTINGS]
+    """Every inventory key: these, then the GPU stack's (llamahost.gpu validates those)."""
+    # Imported here: llamahost.gpu builds its rows from this module's checks.
+    from llamahost.gpu import GPU_KEYS
+
+    return [PREFIX + s.key for s in SETTINGS] + list(GPU_KEYS)
 
 
 assert {f.name for f in fields(Profile)} == {"name", *PROFILE_KEYS}

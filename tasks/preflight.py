@@ -38,6 +38,16 @@ def host_config() -> HostConfig:
     return hp.cfg
 
 
+def profile_matches_hardware(cfg: HostConfig, gpu_path: bool) -> None:
+    """A GPU profile on a host where the GPU path is not taken would fail to start."""
+    if cfg.profile.uses_gpu and not gpu_path:
+        raise PyinfraError(
+            f"host {host.name!r}: llama_profile = {cfg.profile.name!r} needs an NVIDIA GPU and "
+            "this host takes the CPU path (no GPU found, or llama_gpu_stack 'off'); use "
+            "llama_profile 'cpu-demo', or llama_gpu_stack 'on' (nothing was changed)"
+        )
+
+
 def build_jobs(cfg: HostConfig, cpus: int) -> int:
     return cpus if cfg.cpp_build_jobs == "auto" else int(cfg.cpp_build_jobs)
 

@@ -62,7 +62,9 @@ def api_key(cfg: HostConfig) -> OperationMeta:
     )
 
 
-def unit(cfg: HostConfig, binary: str, cpu_count: int) -> OperationMeta:
+def unit(
+    cfg: HostConfig, binary: str, cpu_count: int, unit_lines: tuple[str, ...] = ()
+) -> OperationMeta:
     files.put(
         name="Install the health wait script",
         src="files/llama_wait_healthy.py",
@@ -74,6 +76,7 @@ def unit(cfg: HostConfig, binary: str, cpu_count: int) -> OperationMeta:
         src="templates/llama-server.service.j2",
         dest=f"/etc/systemd/system/{UNIT}",
         mode="0644",
+        gpu_unit_lines=unit_lines,
         **unit_context(cfg, binary, HEALTH_SCRIPT, cpu_count),
     )
 

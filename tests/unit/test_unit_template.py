@@ -14,10 +14,12 @@ from llamahost.render import unit_context
 TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "llama-server.service.j2"
 
 
-def render(data: dict[str, Any]) -> dict[str, list[str]]:
+def render(data: dict[str, Any], unit_lines: tuple[str, ...] = ()) -> dict[str, list[str]]:
     cfg = resolve("h", data)
-    text = jinja2.Template(TEMPLATE.read_text(), keep_trailing_newline=True).render(
-        **unit_context(cfg, "/opt/llama.cpp/current/bin/llama-server", "/opt/wait", 16)
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    text = env.from_string(TEMPLATE.read_text()).render(
+        gpu_unit_lines=unit_lines,
+        **unit_context(cfg, "/opt/llama.cpp/current/bin/llama-server", "/opt/wait", 16),
     )
     keys: dict[str, list[str]] = {}
     for line in text.splitlines():
@@ -33,6 +35,14 @@ def test_gpu_profile_allows_the_nvidia_devices_instead_of_hiding_devices() -> No
     assert unit["DevicePolicy"] == ["closed"]
     assert "char-nvidia-uvm rw" in unit["DeviceAllow"]
     assert unit["ProcSubset"] == ["all"]
+
+
+def test_gpu_unit_is_ordered_after_nvidia_persistenced() -> None:
+    lines = ("After=nvidia-persistenced.service", "Wants=nvidia-persistenced.service")
+    unit = render({"llama_profile": "balanced"}, lines)
+    assert unit["After"] == ["network-online.target", "nvidia-persistenced.service"]
+    assert unit["Wants"] == ["network-online.target", "nvidia-persistenced.service"]
+    assert render({"llama_profile": "cpu-demo"})["After"] == ["network-online.target"]
 
 
 def test_cpu_profile_hides_devices() -> None:

@@ -1,0 +1,402 @@
+"""The GPU stack: NVIDIA driver, persistence mode, CUDA toolkit, and the CUDA build's flags.
+
+Every decision is made in ``llamahost/gpu.py`` from facts read before the run; this module
+only turns them into operations, in the order a fresh host needs them:
+
+  repository   cuda-keyring (the toolkit is NVIDIA's everywhere); on Ubuntu with Canonical's
+               driver an apt pin keeps NVIDIA's driver packages out
+  persistence  the nvidia-persistenced drop-in, before the driver, so that the daemon the
+               packages start already runs in persistence mode
+  nouveau      blacklisted; the initramfs rebuilt only when the blacklist changed
+  driver       NVIDIA's pinning package first (NVIDIA's repository), then the driver, held
+  toolkit      cuda-toolkit-<version>, for the build only
+  reboot       only when the driver changed or nouveau is loaded, never on the controller
+  verify       nvidia-smi answers on the branch, persistence mode Enabled on every GPU
+
+A host already current plans no change at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyinfra import logger
+from pyinfra.api.exceptions import PyinfraError
+from pyinfra.api.facts import FactBase
+from pyinfra.api.host import Host
+from pyinfra.api.operation import OperationMeta
+from pyinfra.api.state import State
+from pyinfra.connectors.local import LocalConnector
+from pyinfra.context import host
+from pyinfra.facts.apt import noninteractive_apt
+from pyinfra.facts.deb import DebArch, DebPackages
+from pyinfra.facts.server import KernelVersion
+from pyinfra.operations import apt, files, python, server, systemd
+from pyinfra.operations.util import any_changed
+
+from llamahost import gpu
+from llamahost.config import ConfigError, HostConfig
+from llamahost.gpu import Reboot
+
+# Downloads that must survive a reboot (/tmp does not), so a rerun finds them.
+CACHE_DIR = "/var/cache/llamahost"
+REBOOT_TIMEOUT = 900  # seconds: an 8-GPU host with much memory boots slowly
+
+
+# ---------------------------------------------------------------- facts
+class _Lines(FactBase[list[str]]):
+    """Raw output lines, parsed by llamahost.gpu (so unit tests cover the parsing)."""
+
+    abstract = True
+
+    @staticmethod
+    def default() -> list[str]:
+        return []
+
+    def process(self, output: list[str]) -> list[str]:
+        return list(output)
+
+
+class OsRelease(_Lines):
+    def command(self) -> str:
+        return "cat /etc/os-release 2>/dev/null || cat /usr/lib/os-release"
+
+
+class NvidiaPci(_Lines):
+    """NVIDIA PCI devices. Without pciutils (minimal images) the same ``lspci -n`` shape is
+    printed from sysfs, so a GPU is never missed for want of a package."""
+
+    def command(self) -> str:
+        return (
+            "if command -v lspci >/dev/null 2>&1; then lspci -nn -d 10de:; else "
+            "for d in /sys/bus/pci/devices/*; do "
+            '[ "$(cat "$d/vendor" 2>/dev/null)" = 0x10de ] && '
+            'echo "${d##*/} $(cut -c3-6 "$d/class"): 10de:$(cut -c3-6 "$d/device")"; '
+            "done; true; fi"
+        )
+
+
+class NvidiaSmi(_Lines):
+    """The query's CSV, or nvidia-smi's error (a version mismatch, no driver loaded)."""
+
+    def requires_command(self) -> str:
+        return "nvidia-smi"
+
+    def command(self) -> str:
+        return f"{gpu.SMI_QUERY} 2>&1 || true"
+
+
+class LoadedKernelModules(_Lines):
+    def command(self) -> str:
+        return "cat /proc/modules 2>/dev/null || true"
+
+
+class NvidiaModuleVersion(_Lines):
+    def command(self) -> str:
+        return "cat /proc/driver/nvidia/version 2>/dev/null || true"
+
+
+class NvidiaDeviceNodes(_Lines):
+    def command(self) -> str:
+        return "ls -1d /dev/nvidia* 2>/dev/null || true"
+
+
+HOLD_QUERY = "dpkg-query -W -f='${db:Status-Abbrev} ${Package}\\n'"
+
+
+class DriverPackageStates(_Lines):
+    """Installed driver packages and whether each is held (``hi``) or not (``ii``)."""
+
+    def command(self) -> str:
+        patterns = " ".join(f"'{p}'" for p in gpu.HOLD_PATTERNS)
+        return f"{HOLD_QUERY} {patterns} 2>/dev/null || true"
+
+
+class MachineId(_Lines):
+    def command(self) -> str:
+        return "cat /etc/machine-id 2>/dev/null || true"
+
+
+# Shell because apt-mark has no pyinfra operation, and the dependencies to hold are only
+# known once the driver is installed. Planned only when something is unheld (a rerun of a
+# held host runs nothing).
+HOLD_COMMAND = (
+    HOLD_QUERY
+    + " "
+    + " ".join(f"'{p}'" for p in gpu.HOLD_PATTERNS)
+    + " 2>/dev/null | awk '$1 == \"ii\" {print $2}' | xargs -r apt-mark hold"
+)
+
+
+# ---------------------------------------------------------------- the result
+@dataclass(frozen=True)
+class GpuResult:
+    gpu: bool  # the GPU path is taken: driver, persistence, toolkit, CUDA build
+    cmake_args: tuple[str, ...]  # for llama_cpp.build(gpu_cmake_args=...)
+    reboot: Reboot | None  # the decision; None on the CPU path
+    ready: bool  # the GPUs serve by the end of this run (False: CPU path or reboot pending)
+
+
+def settings() -> gpu.GpuSettings:
+    """This host's GPU settings; a bad value stops the run before any change."""
+    try:
+        return gpu.resolve_gpu(host.name, host.data.dict())
+    except ConfigError as e:
+        raise PyinfraError(str(e)) from None
+
+
+def unit_lines(result: GpuResult) -> tuple[str, ...]:
+    """The [Unit] lines llama-server's unit needs: after nvidia-persistenced (GPU path)."""
+    return gpu.unit_lines(result.gpu)
+
+
+def install(
+    cfg: HostConfig, conf: gpu.GpuSettings, controller_machine_id: str | None = None
+) -> GpuResult:
+    """Plan the GPU stack for this host; on the CPU path plan nothing and say why."""
+    name = host.name
+    try:
+        os_release: list[str] = host.get_fact(OsRelease)
+        dist = gpu.distribution(name, gpu.parse_os_release("\n".join(os_release)))
+        found = gpu.probe(
+            host.get_fact(NvidiaPci),
+            host.get_fact(NvidiaSmi),
+            host.get_fact(LoadedKernelModules),
+            host.get_fact(NvidiaModuleVersion),
+        )
+        if not gpu.gpu_path(name, conf, found):
+            _say_cpu_path(cfg, conf)
+            return GpuResult(gpu=False, cmake_args=(), reboot=None, ready=False)
+        repo_arch = gpu.cuda_repo_arch(name, host.get_fact(DebArch) or "")
+        archs = gpu.architectures(name, conf, found)
+        installed = host.get_fact(DebPackages)
+        plan = gpu.driver_plan(name, dist, conf, host.get_fact(KernelVersion) or "", installed)
+        decision = gpu.reboot_decision(
+            found, plan, installed, conf, _target_is_controller(controller_machine_id)
+        )
+    except (gpu.GpuError, ConfigError) as e:
+        raise PyinfraError(str(e)) from None
+
+    logger.info(
+        f"{host.print_prefix}GPU path: {len(found.pci)} NVIDIA GPU(s); driver {plan.branch} "
+        f"{plan.flavour} from {plan.source} ({plan.why}); CUDA {conf.cuda_version} "
+        f"for architectures {archs}"
+    )
+    repository(dist, repo_arch, plan)
+    dropin, blacklist = configuration()
+    driver = driver_packages(plan)
+    apt.packages(
+        name=f"CUDA toolkit {conf.cuda_version} (for the build)",
+        packages=[gpu.toolkit_package(conf.cuda_version)],
+    )
+    ready = persistence_and_verify(found, plan, decision, driver, dropin, blacklist)
+    return GpuResult(
+        gpu=True,
+        cmake_args=gpu.cuda_cmake_args(archs, conf.cuda_version),
+        reboot=decision,
+        ready=ready,
+    )
+
+
+# ---------------------------------------------------------------- the steps
+def repository(dist: gpu.Distribution, repo_arch: str, plan: gpu.DriverPlan) -> None:
+    """NVIDIA's CUDA repository through its keyring package; the apt pin on Canonical."""
+    changed: list[OperationMeta] = []
+    if dist.ubuntu:
+        pin_src = "files/gpu/apt-preferences-driver-from-canonical"
+        if plan.source == "canonical":
+            changed.append(
+                files.put(
+                    name="Keep the driver on Canonical's packages (apt pin)",
+                    src=pin_src,
+                    dest=gpu.CANONICAL_DRIVER_PIN,
+                    mode="0644",
+                )
+            )
+        else:
+            changed.append(
+                files.file(
+                    name="No apt pin against NVIDIA's driver packages",
+                    path=gpu.CANONICAL_DRIVER_PIN,
+                    present=False,
+                )
+            )
+    files.directory(name="llamahost download cache", path=CACHE_DIR, mode="0755")
+    deb = f"{CACHE_DIR}/{gpu.keyring_file()}"
+    files.download(
+        name=f"Download NVIDIA's cuda-keyring {gpu.CUDA_KEYRING_VERSION}",
+        src=gpu.keyring_url(dist, repo_arch),
+        dest=deb,
+        mode="0644",
+    )
+    changed.append(
+        apt.deb(name=f"NVIDIA's CUDA repository ({dist.cuda_repo}, cuda-keyring)", src=deb)
+    )
+    apt.update(name="Update apt lists (repository or pin changed)", _if=any_changed(*changed))
+
+
+def configuration() -> tuple[OperationMeta, OperationMeta]:
+    """The persistenced drop-in and the nouveau blacklist, with the reload and the
+    initramfs rebuild each needs when it changed."""
+    dropin = files.put(
+        name="nvidia-persistenced in persistence mode (drop-in)",
+        src="files/gpu/nvidia-persistenced.conf",
+        dest=gpu.PERSISTENCED_DROPIN,
+        mode="0644",
+    )
+    systemd.daemon_reload(name="Reload systemd units (persistenced drop-in)", _if=dropin.did_change)
+    blacklist = files.put(
+        name="Blacklist nouveau",
+        src="files/gpu/blacklist-nouveau.conf",
+        dest=gpu.NOUVEAU_BLACKLIST,
+        mode="0644",
+    )
+    server.shell(
+        name="Rebuild the initramfs without nouveau",
+        # Shell: no operation rebuilds an initramfs. Only when the blacklist changed.
+        commands=["update-initramfs -u"],
+        _if=blacklist.did_change,
+    )
+    return dropin, blacklist
+
+
+def driver_packages(plan: gpu.DriverPlan) -> OperationMeta:
+    if plan.pinning:
+        # First and alone: otherwise unversioned packages can resolve to a newer branch.
+        # Another branch's pinning package is held: a deliberate move replaces it.
+        apt.packages(
+            name=f"Pin the driver to branch {plan.branch}",
+            packages=[plan.pinning],
+            extra_install_args="--allow-change-held-packages",
+        )
+    stale = gpu.off_branch(plan, host.get_fact(DebPackages))
+    if stale:
+        # Shell: apt.packages sees these names installed and would change nothing; they
+        # are on another branch (NVIDIA's names carry none). Planned only in that case.
+        server.shell(
+            name=f"Move the driver to branch {plan.branch}",
+            commands=[
+                noninteractive_apt(
+                    "install --allow-change-held-packages --allow-downgrades " + " ".join(stale)
+                )
+            ],
+        )
+    driver = apt.packages(
+        name=f"NVIDIA driver {plan.branch} ({plan.flavour}, {plan.kernel_modules})",
+        packages=list(plan.packages),
+        # A deliberate change of branch or flavour replaces held packages; unattended
+        # upgrades still cannot.
+        extra_install_args="--allow-change-held-packages",
+    )
+    states = gpu.parse_package_states(host.get_fact(DriverPackageStates))
+    if gpu.hold_needed(states, plan):
+        server.shell(
+            name="Hold the driver packages (no unattended driver/library mismatch)",
+            commands=[HOLD_COMMAND],
+        )
+    return driver
+
+
+def persistence_and_verify(
+    found: gpu.Probe,
+    plan: gpu.DriverPlan,
+    decision: gpu.Reboot,
+    driver: OperationMeta,
+    dropin: OperationMeta,
+    blacklist: OperationMeta,
+) -> bool:
+    """Reboot when decided, then persistence mode on and checked. Returns whether the GPUs
+    serve by the end of the run."""
+    if decision.will:
+        server.reboot(
+            name="Reboot into the NVIDIA driver: " + "; ".join(decision.reasons),
+            reboot_timeout=REBOOT_TIMEOUT,
+        )
+    elif decision.pending:
+        logger.warning(
+            f"{host.print_prefix}a reboot is needed ({'; '.join(decision.reasons)}) but "
+            f"{decision.blocked_by}: persistence mode and the GPU check wait. Reboot the "
+            "host, then run the deploy again."
+        )
+        return False
+    if not found.has_gpu:
+        logger.warning(
+            f"{host.print_prefix}llama_gpu_stack is 'on' and no GPU was found: driver and "
+            "toolkit installed, persistence mode and the GPU check skipped."
+        )
+        return False
+
+    started = systemd.service(
+        name="nvidia-persistenced enabled and running",
+        service=gpu.PERSISTENCED_UNIT,
+        running=True,
+        enabled=True,
+    )
+    changes = [driver, dropin, blacklist, started]
+    if not decision.will:
+        persistence_off = found.smi.state == "ok" and not all(
+            g.persistence_mode for g in found.smi.gpus
+        )
+        restart_kwargs: dict[str, Any] = {}
+        if not persistence_off:
+            # A fresh start already reads the drop-in.
+            restart_kwargs["_if"] = lambda: dropin.did_change() and not started.did_change()
+        changes.append(
+            systemd.service(
+                name="Restart nvidia-persistenced (drop-in changed or persistence mode off)",
+                service=gpu.PERSISTENCED_UNIT,
+                running=True,
+                restarted=True,
+                **restart_kwargs,
+            )
+        )
+    verify_kwargs: dict[str, Any] = {}
+    nodes: list[str] = host.get_fact(NvidiaDeviceNodes)
+    if not decision.will and not gpu.check_ready(found.smi, nodes, plan.branch, len(found.pci)):
+        # Facts already show a ready host: check again only if this run changes it.
+        verify_kwargs["_if"] = any_changed(*changes)
+    python.call(
+        name="Verify: nvidia-smi on the driver branch, persistence mode Enabled on every GPU",
+        function=_verify,
+        branch=plan.branch,
+        expected=len(found.pci),
+        **verify_kwargs,
+    )
+    return True
+
+
+def _verify(state: State, host: Host, branch: str, expected: int) -> None:
+    # Runs on the host at execution time, after any reboot: facts read live.
+    smi = gpu.parse_nvidia_smi(host.get_fact(NvidiaSmi))
+    nodes: list[str] = host.get_fact(NvidiaDeviceNodes)
+    problems = gpu.check_ready(smi, nodes, branch, expected)
+    if problems:
+        raise PyinfraError(f"host {host.name!r}: GPU not ready: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------- helpers
+def _target_is_controller(controller_machine_id: str | None) -> bool:
+    if issubclass(host.connector_cls, LocalConnector):
+        return True
+    if controller_machine_id is None:
+        path = Path("/etc/machine-id")
+        controller_machine_id = path.read_text() if path.exists() else ""
+    target: list[str] = host.get_fact(MachineId)
+    return gpu.same_machine("".join(target), controller_machine_id)
+
+
+def _say_cpu_path(cfg: HostConfig, conf: gpu.GpuSettings) -> None:
+    if conf.gpu_stack == "off":
+        logger.info(f"{host.print_prefix}llama_gpu_stack is 'off': CPU path (CPU build).")
+        return
+    extra = (
+        f"; profile {cfg.profile.name!r} expects a GPU (--device {cfg.profile.device})"
+        if cfg.profile.uses_gpu
+        else ""
+    )
+    logger.warning(
+        f"{host.print_prefix}no NVIDIA GPU found (lspci, nvidia-smi): CPU path, no driver, "
+        f"CPU build{extra}."
+    )

@@ -16,7 +16,8 @@ TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "llama-server.ser
 
 def render(data: dict[str, Any], unit_lines: tuple[str, ...] = ()) -> dict[str, list[str]]:
     cfg = resolve("h", data)
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    # A unit file, not HTML: no autoescape, as pyinfra renders it.
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)  # noqa: S701
     text = env.from_string(TEMPLATE.read_text()).render(
         gpu_unit_lines=unit_lines,
         **unit_context(cfg, "/opt/llama.cpp/current/bin/llama-server", "/opt/wait", 16),

@@ -24,10 +24,6 @@ import sys
 import time
 from typing import IO
 
-from huggingface_hub import HfApi, constants, get_session, hf_hub_url
-from huggingface_hub.hf_api import RepoFile
-from huggingface_hub.utils._headers import build_hf_headers
-
 CHUNK = 1 << 20  # at most this much is lost when the connection drops
 MIB = 1 << 20
 
@@ -68,6 +64,40 @@ def sha256_prefix(path: str) -> tuple[hashlib._Hash, int]:
     return h, n
 
 
+def promote(part: str, dest: str, digest: str, group: str | None) -> None:
+    if group:
+        shutil.chown(part, group=group)
+    os.chmod(part, 0o640)
+    # The sidecar says "verified, with this sha256". It is renamed after the model, so a
+    # crash in between leaves a model without it, which a pinned deploy fetches again.
+    with open(dest + ".sha256.tmp", "w") as f:
+        f.write(digest + "\n")
+    os.chmod(dest + ".sha256.tmp", 0o644)
+    os.replace(part, dest)
+    os.replace(dest + ".sha256.tmp", dest + ".sha256")
+
+
+def promote_pushed(a: argparse.Namespace) -> int:
+    """The air-gapped route: the controller pushed the file; check it arrived whole."""
+    if not a.sha256 or a.size is None:
+        print("--from-file needs --sha256 and --size", file=sys.stderr)
+        return 2
+    size = os.path.getsize(a.from_file)
+    h, _ = sha256_prefix(a.from_file)
+    digest = h.hexdigest()
+    if size != a.size or digest != a.sha256:
+        os.unlink(a.from_file)
+        print(
+            f"{a.from_file}: size {size} (expected {a.size}), sha256 {digest} "
+            f"(expected {a.sha256}); not promoted",
+            file=sys.stderr,
+        )
+        return 3
+    promote(a.from_file, a.dest, digest, a.group)
+    print(f"{a.dest}: {size} bytes, sha256 {digest} (pushed from the controller)")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repo", required=True)
@@ -80,7 +110,17 @@ def main() -> int:
     ap.add_argument("--margin-mib", type=int, default=1024, help="free space kept spare")
     ap.add_argument("--every", type=float, default=10.0, help="seconds between progress lines")
     ap.add_argument("--log", default=None, help="also append progress here")
+    ap.add_argument("--from-file", default=None, help="verify and promote this pushed file")
+    ap.add_argument("--size", type=int, default=None, help="expected size (--from-file)")
     a = ap.parse_args()
+    if a.from_file:
+        return promote_pushed(a)
+
+    # Here, not at the top: a pushed file (--from-file) is promoted by the system python of a
+    # host that has no venv and no internet.
+    from huggingface_hub import HfApi, constants, get_session, hf_hub_url
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils._headers import build_hf_headers
 
     token = None
     if a.token_file:
@@ -164,16 +204,7 @@ def main() -> int:
             file=sys.stderr,
         )
         return 3
-    if a.group:
-        shutil.chown(part, group=a.group)
-    os.chmod(part, 0o640)
-    # The sidecar says "verified, with this sha256". It is renamed after the model, so a
-    # crash in between leaves a model without it, which a pinned deploy fetches again.
-    with open(a.dest + ".sha256.tmp", "w") as f:
-        f.write(digest + "\n")
-    os.chmod(a.dest + ".sha256.tmp", 0o644)
-    os.replace(part, a.dest)
-    os.replace(a.dest + ".sha256.tmp", a.dest + ".sha256")
+    promote(part, a.dest, digest, a.group)
     progress.say(f"{a.dest}: {size} bytes, sha256 {digest}")
     return 0
 

@@ -244,6 +244,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Hub token for gated or private repositories; read it from the environment.",
     ),
     Setting(
+        "model_source",
+        "hub",
+        choice("hub", "controller"),
+        "`hub`: each host downloads (Hub or mirror); `controller`: the controller downloads "
+        "once and pushes it (hosts without internet).",
+    ),
+    Setting(
         "model_disk_margin_mib",
         2048,
         integer(0, 1 << 22),
@@ -359,6 +366,7 @@ class HostConfig:
     vram_reserve_mib: int
     hf_endpoint: str | None
     hf_token: str | None
+    model_source: str
     model_disk_margin_mib: int
     hf_venv: str
     hf_hub_version: str

@@ -185,9 +185,11 @@ def model_shape(cfg: HostConfig) -> tuple[ModelShape | None, str]:
                 cfg.model_repo,
                 cfg.model_file,
                 revision=cfg.model_revision,
-                endpoint=cfg.hf_endpoint,
+                # The controller reads through its own endpoint when it is the one that
+                # downloads (hosts without internet), else through the hosts' mirror.
+                endpoint=None if cfg.model_source == "controller" else cfg.hf_endpoint,
             )
-            token = os.environ.get("HF_TOKEN")
+            token = cfg.hf_token or os.environ.get("HF_TOKEN")
             headers = {"Authorization": f"Bearer {token}"} if token else None
             try:
                 _LIVE[k] = ModelShape.from_header(read_url(url, headers=headers, timeout=20))

@@ -9,11 +9,13 @@ transfer, checks free space first, and promotes only a verified file.
 import shlex
 from io import StringIO
 
+from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.operation import OperationMeta
 from pyinfra.context import host
 from pyinfra.facts.files import File, FileContents
 from pyinfra.operations import files, pip, server
 
+from llamahost import controller_fetch
 from llamahost.config import HostConfig
 
 FETCH_SCRIPT = "/opt/llamahost/bin/llama-fetch-model"
@@ -23,12 +25,13 @@ DOWNLOAD_LOG = "/var/log/llamahost/model-download.log"
 
 def download(cfg: HostConfig) -> OperationMeta | None:
     """Ensure the model file is present; return the download op when one is needed."""
-    pip.venv(name="huggingface_hub venv", path=cfg.hf_venv, python="python3")
-    pip.packages(
-        name=f"huggingface_hub {cfg.hf_hub_version}",
-        packages=[f"huggingface_hub=={cfg.hf_hub_version}"],
-        virtualenv=cfg.hf_venv,
-    )
+    if cfg.model_source == "hub":
+        pip.venv(name="huggingface_hub venv", path=cfg.hf_venv, python="python3")
+        pip.packages(
+            name=f"huggingface_hub {cfg.hf_hub_version}",
+            packages=[f"huggingface_hub=={cfg.hf_hub_version}"],
+            virtualenv=cfg.hf_venv,
+        )
     files.put(
         name="Install the model fetch script",
         src="files/llama_fetch_model.py",
@@ -49,6 +52,8 @@ def download(cfg: HostConfig) -> OperationMeta | None:
         verified = host.get_fact(FileContents, path=cfg.model_path + ".sha256")
         if cfg.model_sha256 is None or (verified and verified[0].strip() == cfg.model_sha256):
             return None
+    if cfg.model_source == "controller":
+        return push_from_controller(cfg)
     files.directory(name="Download log directory", path="/var/log/llamahost", mode="0750")
     argv = [
         f"{cfg.hf_venv}/bin/python",
@@ -86,4 +91,36 @@ def download(cfg: HostConfig) -> OperationMeta | None:
         f" (progress: {DOWNLOAD_LOG})",
         commands=[shlex.join(argv)],
         _env=env,
+    )
+
+
+def push_from_controller(cfg: HostConfig) -> OperationMeta:
+    """Hosts without internet: the controller's verified copy, pushed and checked again."""
+    try:
+        got = controller_fetch.fetch(cfg)
+    except controller_fetch.ControllerFetchError as e:
+        raise PyinfraError(f"host {host.name!r}: {e}") from None
+    model_dir = cfg.model_path.rsplit("/", 1)[0]
+    pushed = f"{model_dir}/.partial/{cfg.model_file}.pushed"
+    files.put(
+        name=f"Push {cfg.model_file} from the controller ({got.size / (1 << 20):.1f} MiB)",
+        src=got.path,
+        dest=pushed,
+        mode="0600",
+    )
+    # The system python: a host without internet has no huggingface_hub venv.
+    argv = [
+        "/usr/bin/python3",
+        FETCH_SCRIPT,
+        "--repo", cfg.model_repo,
+        "--file", cfg.model_file,
+        "--revision", cfg.model_revision,
+        "--dest", cfg.model_path,
+        "--group", cfg.service_user,
+        "--from-file", pushed,
+        "--sha256", got.sha256,
+        "--size", str(got.size),
+    ]  # fmt: skip
+    return server.shell(
+        name=f"Verify and promote the pushed {cfg.model_file}", commands=[shlex.join(argv)]
     )

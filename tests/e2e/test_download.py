@@ -128,3 +128,32 @@ def test_gated_repository_token_is_never_visible(site: Site, deployed: Run) -> N
     assert token not in site.sh("ps -eo args")
     assert site.sh("test -e /run/llamahost/hf-token || echo gone").strip() == "gone"
     assert site.deploy().rc == 0  # back to the inventory's model
+
+
+def test_air_gapped_host_gets_the_model_pushed_from_the_controller(
+    site: Site, deployed: Run, tmp_path: Path
+) -> None:
+    name = "tiny-c.gguf"
+    good = (site.hub.hub.root / MODEL_REPO / MODEL_FILE).read_bytes()
+    _add(site, MODEL_REPO, name, good)
+    key = f"{MODEL_REPO}/{name}"
+    # The host's endpoint answers nothing; only the controller (HF_ENDPOINT) reaches the Hub.
+    env = {
+        **site.env(),
+        "LLAMAHOST_LOCAL_HUB": "http://127.0.0.1:9",
+        "HF_ENDPOINT": site.hub.url,
+        "HF_HOME": str(tmp_path / "controller-hf"),
+    }
+    args = ("--data", "llama_model_source=controller", "--data", f"llama_model_file={name}")
+    run = site.deploy(*args, env=env)
+    assert run.rc == 0, run.output[-4000:]
+    assert any(op.startswith(f"Push {name} from the controller") for op in run.changed_operations())
+    assert site.hub.hub.served_bytes.get(key) == len(good)  # once, to the controller
+    path = site.sh(f"find /var/lib/llama-models -name {name}").strip()
+    assert path and site.sh(f"cat {path}.sha256").strip() == hashlib.sha256(good).hexdigest()
+    assert f"-m {path}" in site.sh("grep ^ExecStart= /etc/systemd/system/llama-server.service")
+    assert site.get("/health").status_code == 200
+    again = site.deploy(*args, env=env)
+    assert again.changed_operations() == []
+    assert site.hub.hub.served_bytes.get(key) == len(good)
+    assert site.deploy().rc == 0  # back to the inventory's model

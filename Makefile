@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INVENTORY ?= inventory/prod.py
-# debootstrap + systemd-nspawn make the local test host; ssh reaches it.
-SYSTEM_PACKAGES := debootstrap systemd-container openssh-client curl ca-certificates
+# debootstrap + systemd-nspawn make the local test host; ssh reaches it; prometheus brings
+# promtool for the rules tests (this image's policy-rc.d keeps the daemon from starting).
+SYSTEM_PACKAGES := debootstrap systemd-container openssh-client curl ca-certificates prometheus
 
-.PHONY: help sysdeps venv lint unit e2e test demo demo-destroy plan lock test-cuda-build
+.PHONY: help sysdeps venv lint unit e2e test demo demo-destroy plan lock test-cuda-build compliance
 
 help:
 	@echo "make demo          bring up the local Debian 12 host serving llama-server (tiny model)"
@@ -14,6 +15,7 @@ help:
 	@echo "make test          lint, type-check, unit tests, end-to-end tests on a fresh local host"
 	@echo "make unit          fast tests of the pure logic and the GPU plan tests"
 	@echo "make test-cuda-build  compile llama-server for sm_80 without a GPU (about 22 min on 2 cores)"
+	@echo "make compliance INVENTORY=...  the bring-up checklist asserted on every host (testinfra)"
 	@echo "make plan INVENTORY=...  memory fit, per-conversation context, command line per host"
 	@echo "make lock INVENTORY=...  pin each host's model (file, commit, sha256) in <inventory>.lock.json"
 	@echo "production:        pyinfra $(INVENTORY) deploy.py"
@@ -37,7 +39,8 @@ lint: venv
 	$(BIN)/mypy
 
 unit: venv
-	$(BIN)/pytest -q tests/unit tests/plan
+	$(BIN)/pytest -q tests/unit tests/plan tests/monitoring \
+		tests/compliance/test_gpu_parse.py tests/compliance/test_gpu_checks.py
 
 e2e: sysdeps venv
 	$(BIN)/pytest -q tests/e2e
@@ -47,6 +50,9 @@ test: sysdeps venv lint
 
 test-cuda-build: venv
 	bash tests/cuda_build/run.sh
+
+compliance: venv
+	bash tests/compliance/run.sh $(INVENTORY)
 
 plan: venv
 	$(BIN)/python -m llamahost plan $(INVENTORY)

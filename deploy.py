@@ -3,7 +3,7 @@
 Reads like the bring-up checklist; each step is one module in tasks/.
 """
 
-from tasks import gpu, llama_cpp, model, packages, preflight, service
+from tasks import gpu, llama_cpp, model, monitoring, packages, preflight, service
 
 # 0. Inventory data valid and the profile's memory planned (else the run stops before any
 #    change on any host).
@@ -31,3 +31,8 @@ key = service.api_key(cfg)
 unit = service.unit(cfg, llama_cpp.binary_path(cfg), cpus, gpu.unit_lines(stack))
 if not stack.gpu or stack.ready:
     service.run(unit, [binary, key, *([fetched] if fetched else [])])
+
+# 6. Monitoring, when the inventory has a `monitoring` group: the exporters here, and on
+#    the group's hosts Prometheus scraping every llama-server of the inventory.
+monitoring.exporters(cfg)
+monitoring.prometheus()

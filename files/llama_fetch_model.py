@@ -64,17 +64,38 @@ def sha256_prefix(path: str) -> tuple[hashlib._Hash, int]:
     return h, n
 
 
+def write_sidecar(dest: str, digest: str) -> None:
+    """DEST.sha256: the verified sha256, then the size and mtime it was verified at.
+
+    The deploy compares size and mtime with the file's (a stat, not a 26 GB hash): a file
+    changed in place since is verified again, and fetched again if it is wrong.
+    """
+    st = os.stat(dest)
+    with open(dest + ".sha256.tmp", "w") as f:
+        f.write(f"{digest}\nsize={st.st_size} mtime={int(st.st_mtime)}\n")
+    os.chmod(dest + ".sha256.tmp", 0o644)
+    os.replace(dest + ".sha256.tmp", dest + ".sha256")
+
+
 def promote(part: str, dest: str, digest: str, group: str | None) -> None:
     if group:
         shutil.chown(part, group=group)
     os.chmod(part, 0o640)
-    # The sidecar says "verified, with this sha256". It is renamed after the model, so a
-    # crash in between leaves a model without it, which a pinned deploy fetches again.
-    with open(dest + ".sha256.tmp", "w") as f:
-        f.write(digest + "\n")
-    os.chmod(dest + ".sha256.tmp", 0o644)
+    # The sidecar is written after the model, so a crash in between leaves a model without
+    # it, which the deploy verifies again.
     os.replace(part, dest)
-    os.replace(dest + ".sha256.tmp", dest + ".sha256")
+    write_sidecar(dest, digest)
+
+
+def verify_in_place(dest: str, expected: str | None) -> bool:
+    """An existing file (touched since its verification) that is still right: keep it."""
+    if not expected or not os.path.exists(dest):
+        return False
+    h, _ = sha256_prefix(dest)
+    if h.hexdigest() != expected:
+        return False
+    write_sidecar(dest, expected)
+    return True
 
 
 def promote_pushed(a: argparse.Namespace) -> int:
@@ -135,6 +156,9 @@ def main() -> int:
         return 2
     size = meta.size
     expected = a.sha256 or (meta.lfs.sha256 if meta.lfs else None)
+    if verify_in_place(a.dest, expected):
+        print(f"{a.dest}: already there, sha256 {expected} verified again")
+        return 0
 
     dest_dir = os.path.dirname(a.dest)
     partial_dir = os.path.join(dest_dir, ".partial")

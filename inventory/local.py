@@ -14,6 +14,8 @@ _REPO = Path(__file__).resolve().parents[1]
 _CACHE = Path(os.environ.get("LLAMAHOST_CACHE", _REPO / ".cache"))
 _NAME = os.environ.get("LLAMAHOST_LOCAL_HOST", "demo")
 _HOST_DIR = _CACHE / "hosts" / _NAME
+# LLAMAHOST_LOCAL_MONITORING=1 puts the host in group `monitoring`: it runs Prometheus too.
+_MONITORING = os.environ.get("LLAMAHOST_LOCAL_MONITORING") == "1"
 
 hosts = [
     (
@@ -38,6 +40,40 @@ hosts = [
             "llama_model_lock": os.environ.get("LLAMAHOST_LOCAL_LOCK") or None,
             # A token for gated repositories comes from the environment, never from here.
             "llama_hf_token": os.environ.get("LLAMAHOST_LOCAL_HF_TOKEN") or None,
+            **(
+                {
+                    "llama_monitoring_prometheus_port": int(
+                        os.environ.get("LLAMAHOST_LOCAL_PROMETHEUS_PORT", "9090")
+                    ),
+                    "llama_monitoring_node_exporter_port": int(
+                        os.environ.get("LLAMAHOST_LOCAL_NODE_EXPORTER_PORT", "9100")
+                    ),
+                    # The host shares this machine's network: exporters on loopback only.
+                    "llama_monitoring_exporter_host": "127.0.0.1",
+                    "llama_monitoring_scrape_interval": "5s",
+                }
+                if _MONITORING
+                else {}
+            ),
         },
     )
 ]
+
+# Hosts that are scraped but never deployed (the tests run with --limit): a host removed
+# from the inventory must leave Prometheus's targets.
+for _extra in filter(None, os.environ.get("LLAMAHOST_LOCAL_EXTRA_HOSTS", "").split(",")):
+    hosts.append(
+        (
+            _extra,
+            {
+                "ssh_hostname": "127.0.0.1",
+                "ssh_port": 1,
+                "llama_profile": "cpu-demo",
+                "llama_port": 9,
+                # A remote host must not listen on loopback only (it could not be scraped).
+                "llama_monitoring_exporter_host": "0.0.0.0",  # noqa: S104
+            },
+        )
+    )
+
+monitoring = [_NAME] if _MONITORING else []

@@ -475,8 +475,9 @@ def setting_keys() -> list[str]:
     """Every inventory key: these, then the GPU stack's (llamahost.gpu validates those)."""
     # Imported here: llamahost.gpu builds its rows from this module's checks.
     from llamahost.gpu import GPU_KEYS
+    from llamahost.monitoring import MONITORING_KEYS
 
-    return [PREFIX + s.key for s in SETTINGS] + list(GPU_KEYS)
+    return [PREFIX + s.key for s in SETTINGS] + list(GPU_KEYS) + list(MONITORING_KEYS)
 
 
 assert {f.name for f in fields(Profile)} == {"name", *PROFILE_KEYS}

@@ -7,7 +7,9 @@ transfer, checks free space first, and promotes only a verified file.
 """
 
 import shlex
+from datetime import timezone
 from io import StringIO
+from typing import Any
 
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.operation import OperationMeta
@@ -21,6 +23,19 @@ from llamahost.config import HostConfig
 FETCH_SCRIPT = "/opt/llamahost/bin/llama-fetch-model"
 TOKEN_FILE = "/run/llamahost/hf-token"  # noqa: S105  (a path, not a secret)
 DOWNLOAD_LOG = "/var/log/llamahost/model-download.log"
+
+
+def verified_intact(cfg: HostConfig, stat: Any) -> bool:
+    if not stat:
+        return False
+    sidecar = host.get_fact(FileContents, path=cfg.model_path + ".sha256") or []
+    if len(sidecar) < 2:
+        return False
+    digest, stamp = sidecar[0].strip(), sidecar[1].split()
+    if cfg.model_sha256 is not None and digest != cfg.model_sha256:
+        return False
+    mtime = int(stat["mtime"].replace(tzinfo=timezone.utc).timestamp())
+    return bool(stamp == [f"size={stat['size']}", f"mtime={mtime}"])
 
 
 def download(cfg: HostConfig) -> OperationMeta | None:
@@ -46,12 +61,11 @@ def download(cfg: HostConfig) -> OperationMeta | None:
         group=cfg.service_user,
         mode="0750",
     )
-    # Present and verified (the fetch script writes the sidecar only after checking the
-    # sha256): nothing to do. A file whose sidecar does not match is fetched again.
-    if host.get_fact(File, path=cfg.model_path):
-        verified = host.get_fact(FileContents, path=cfg.model_path + ".sha256")
-        if cfg.model_sha256 is None or (verified and verified[0].strip() == cfg.model_sha256):
-            return None
+    # Present and verified, and not changed since (the fetch script writes the sidecar after
+    # checking the sha256, with the size and mtime it checked): nothing to do. Otherwise the
+    # fetch script verifies the file again and fetches it only if it is wrong.
+    if verified_intact(cfg, host.get_fact(File, path=cfg.model_path)):
+        return None
     if cfg.model_source == "controller":
         return push_from_controller(cfg)
     files.directory(name="Download log directory", path="/var/log/llamahost", mode="0750")

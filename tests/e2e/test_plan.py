@@ -96,7 +96,7 @@ def test_lock_pins_the_served_bytes(site: Site, deployed: Run, tmp_path: Path) -
             "llama_model_revision": str(entry["commit"]),
         },
     )
-    assert site.sh(f"cat {cfg.model_path}.sha256").strip() == entry["sha256"]
+    assert site.sh(f"head -n 1 {cfg.model_path}.sha256").strip() == entry["sha256"]
     assert f"-m {cfg.model_path}" in site.sh(
         "grep ^ExecStart= /etc/systemd/system/llama-server.service"
     )
@@ -115,7 +115,7 @@ def test_lock_pins_the_served_bytes(site: Site, deployed: Run, tmp_path: Path) -
     assert refused.stopped_at().startswith("Download ")
     assert "not promoted" in refused.stderr
     assert site.service("ActiveEnterTimestampMonotonic", "MainPID") == before
-    assert site.sh(f"cat {cfg.model_path}.sha256").strip() == entry["sha256"]
+    assert site.sh(f"head -n 1 {cfg.model_path}.sha256").strip() == entry["sha256"]
 
     # Back to the inventory without a lock.
     assert site.deploy().rc == 0

@@ -43,6 +43,8 @@ class Hub:
         self._sha: dict[Path, tuple[float, str]] = {}
         # Fault injection and accounting, set by tests (keys: "owner/name/file").
         self.served_bytes: dict[str, int] = {}
+        # Whole-file GETs (a download), as opposed to Range reads (a header, a resume).
+        self.full_downloads: dict[str, int] = {}
         self.drop_after: dict[str, int] = {}  # close the connection after N bytes, once
         self.corrupt: set[str] = set()  # serve the bytes with one flipped
         self.tokens: dict[str, str] = {}  # owner -> the bearer token its repos require
@@ -169,6 +171,8 @@ def make_handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             if head:
                 return
             key = f"{owner}/{name}/{rel}"
+            if status == 200:
+                hub.full_downloads[key] = hub.full_downloads.get(key, 0) + 1
             drop = hub.drop_after.pop(key, None)
             with (repo / rel).open("rb") as f:
                 f.seek(start)

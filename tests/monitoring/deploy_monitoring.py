@@ -1,0 +1,21 @@
+"""Monitoring alone, without the bring-up.
+
+    pyinfra -y INVENTORY tests/monitoring/deploy_monitoring.py
+
+For developing tasks/monitoring.py against a host that already serves llama-server; the
+real run is deploy.py. A host whose data sets `dev_alias` is a second name for a host of
+the inventory: it is scraped, nothing is installed on it.
+"""
+
+from typing import Any
+
+from pyinfra.context import host
+
+from llamahost.monitoring import llama_config
+from tasks import monitoring
+
+data: dict[str, Any] = host.data.dict()  # type: ignore[no-untyped-call]
+cfg = llama_config(host.name, data)
+if not host.data.get("dev_alias"):
+    monitoring.exporters(cfg)
+monitoring.prometheus()

@@ -20,7 +20,7 @@ from typing import Any
 
 from llamahost import lock as locks
 from llamahost.config import ConfigError, HostConfig, resolve
-from llamahost.plan import model_shape, plan_host, render
+from llamahost.plan import plan_for, render
 
 
 def inventory_hosts(inventory: str) -> list[tuple[str, dict[str, Any]]]:
@@ -53,11 +53,7 @@ def cmd_plan(inventory: str, use_lock: bool = True) -> int:
         print(e)
     ok = not errors
     for cfg in cfgs:
-        models = locks.load(cfg.model_lock) if cfg.model_lock else None
-        shape, source = (None, "lock")
-        if not (models and locks.entry_for(cfg, models)):
-            shape, source = model_shape(cfg)
-        hp = plan_host(cfg, models, shape, source)
+        hp = plan_for(cfg)
         print(render(hp))
         print()
         ok = ok and hp.fits

@@ -435,6 +435,20 @@ def _cross_checks(p: dict[str, Any], c: dict[str, Any]) -> list[FieldError]:
     return errs
 
 
+def check_rows(
+    rows: tuple[Setting, ...], data: Mapping[str, Any], errors: list[FieldError]
+) -> dict[str, Any]:
+    """Each row's value from data (or its default), checked; failures go to errors."""
+    values: dict[str, Any] = {}
+    for s in rows:
+        value = data.get(PREFIX + s.key, s.default)
+        try:
+            values[s.key] = s.check(value)
+        except Invalid as e:
+            errors.append(FieldError(PREFIX + s.key, value, str(e)))
+    return values
+
+
 def resolve(host_name: str, data: Mapping[str, Any]) -> HostConfig:
     """Validate a host's inventory data; raise ConfigError listing every bad field."""
     errors: list[FieldError] = []

@@ -33,6 +33,7 @@ from llamahost.config import (
     Invalid,
     Setting,
     boolean,
+    check_rows,
     choice,
 )
 
@@ -188,13 +189,7 @@ def resolve_gpu(host_name: str, data: Mapping[str, Any]) -> GpuSettings:
     ``GPU_KEYS``.
     """
     errors: list[FieldError] = []
-    values: dict[str, Any] = {}
-    for s in GPU_SETTINGS:
-        value = data.get(PREFIX + s.key, s.default)
-        try:
-            values[s.key] = s.check(value)
-        except Invalid as e:
-            errors.append(FieldError(PREFIX + s.key, value, str(e)))
+    values = check_rows(GPU_SETTINGS, data, errors)
     if not errors:
         if values["gpu_required"] and values["gpu_stack"] == "off":
             errors.append(

@@ -27,9 +27,9 @@ from llamahost.config import (
     PREFIX,
     ConfigError,
     FieldError,
-    HostConfig,
     Invalid,
     Setting,
+    check_rows,
     http_url,
     integer,
     listen_address,
@@ -170,22 +170,10 @@ assert [f.name for f in fields(MonitoringConfig)] == [s.key for s in MONITORING_
 def resolve_monitoring(host_name: str, data: Mapping[str, Any]) -> MonitoringConfig:
     """Validate a host's monitoring settings; raise ConfigError listing every bad field."""
     errors: list[FieldError] = []
-    values: dict[str, Any] = {}
-    for s in MONITORING_SETTINGS:
-        value = data.get(PREFIX + s.key, s.default)
-        try:
-            values[s.key] = s.check(value)
-        except Invalid as e:
-            errors.append(FieldError(PREFIX + s.key, value, str(e)))
+    values = check_rows(MONITORING_SETTINGS, data, errors)
     if errors:
         raise ConfigError(host_name, errors)
     return MonitoringConfig(**values)
-
-
-def llama_config(host_name: str, data: Mapping[str, Any]) -> HostConfig:
-    """``config.resolve`` on a host's data without our keys (resolve_monitoring checks
-    those), whether or not config.py knows them yet."""
-    return resolve(host_name, {k: v for k, v in data.items() if k not in MONITORING_KEYS})
 
 
 # ---------------------------------------------------------------- who is scraped
@@ -206,7 +194,7 @@ class ServedHost:
 
 def served_host(name: str, data: Mapping[str, Any]) -> ServedHost:
     """From a host's inventory data; raises ConfigError naming the host and field."""
-    cfg = llama_config(name, data)
+    cfg = resolve(name, data)
     mon = resolve_monitoring(name, data)
     ssh_hostname = data.get("ssh_hostname")
     address = mon.monitoring_address or (ssh_hostname if isinstance(ssh_hostname, str) else name)

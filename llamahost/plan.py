@@ -203,6 +203,15 @@ def model_shape(cfg: HostConfig) -> tuple[ModelShape | None, str]:
     return None, "none"
 
 
+def plan_for(cfg: HostConfig) -> HostPlan:
+    """The plan of one host: its lock if it has one, else the model's header (or card)."""
+    models = locks.load(cfg.model_lock) if cfg.model_lock else None
+    shape, source = None, "lock"
+    if not (models and locks.entry_for(cfg, models)):
+        shape, source = model_shape(cfg)
+    return plan_host(cfg, models, shape, source)
+
+
 def command_line(cfg: HostConfig) -> str:
     args = server_args(cfg, cpu_count=0)
     i = args.index("--threads") + 1

@@ -34,7 +34,7 @@ from pyinfra.facts.files import Directory, File, FindFiles, Sha256File
 from pyinfra.operations import apt, files, python, server, systemd
 
 from llamahost import monitoring as m
-from llamahost.config import ConfigError, HostConfig
+from llamahost.config import ConfigError, HostConfig, resolve
 from llamahost.render import exec_line
 
 PROMETHEUS = "prometheus.service"
@@ -267,7 +267,7 @@ def _credentials(scrape: list[m.Target]) -> None:
 
 def _credential(t: m.Target) -> None:
     served = inventory.get_host(t.host)
-    cfg = m.llama_config(served.name, served.data.dict())
+    cfg = resolve(served.name, served.data.dict())
     if cfg.api_key is not None:
         # The inventory supplies the key (e.g. from the controller's environment): the same
         # bytes service.api_key writes on the served host.

@@ -11,22 +11,14 @@ from pyinfra.facts.hardware import Cpus
 
 from llamahost import lock as locks
 from llamahost.config import ConfigError, HostConfig, resolve
-from llamahost.plan import model_shape, plan_host, render
+from llamahost.plan import plan_for, render
 
 
 def host_config() -> HostConfig:
     """The host's configuration, pinned by the model lock when one is configured."""
     try:
-        cfg = resolve(host.name, host.data.dict())
-        models = locks.load(cfg.model_lock) if cfg.model_lock else None
+        hp = plan_for(resolve(host.name, host.data.dict()))
     except (ConfigError, locks.LockError) as e:
-        raise PyinfraError(str(e)) from None
-    shape, source = (None, "lock")
-    if not (models and locks.entry_for(cfg, models)):
-        shape, source = model_shape(cfg)
-    try:
-        hp = plan_host(cfg, models, shape, source)
-    except locks.LockError as e:
         raise PyinfraError(str(e)) from None
     if not hp.fits:
         raise PyinfraError(
@@ -34,7 +26,7 @@ def host_config() -> HostConfig:
             + render(hp)
         )
     if hp.est is None:
-        logger.warning(f"[{host.name}] no model metadata: memory not planned ({source})")
+        logger.warning(f"[{host.name}] no model metadata: memory not planned ({hp.shape_source})")
     return hp.cfg
 
 

@@ -11,11 +11,11 @@ from typing import Any
 
 from pyinfra.context import host
 
-from llamahost.monitoring import llama_config
+from llamahost.config import resolve
 from tasks import monitoring
 
 data: dict[str, Any] = host.data.dict()  # type: ignore[no-untyped-call]
-cfg = llama_config(host.name, data)
+cfg = resolve(host.name, data)
 if not host.data.get("dev_alias"):
     monitoring.exporters(cfg)
 monitoring.prometheus()

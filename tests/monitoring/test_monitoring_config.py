@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from llamahost import monitoring as m
-from llamahost.config import SETTINGS, ConfigError
+from llamahost.config import SETTINGS, ConfigError, resolve
 from tests.monitoring.names import yaml
 
 
@@ -69,10 +69,10 @@ def test_bad_values_are_named(key: str, value: Any, message: str) -> None:
 
 
 def test_llama_config_ignores_our_keys_until_config_knows_them() -> None:
-    cfg = m.llama_config("h", {"llama_monitoring_prometheus_port": 9999, "llama_port": 8081})
+    cfg = resolve("h", {"llama_monitoring_prometheus_port": 9999, "llama_port": 8081})
     assert cfg.profile.port == 8081
     with pytest.raises(ConfigError, match="llama_prot"):
-        m.llama_config("h", {"llama_prot": 1})
+        resolve("h", {"llama_prot": 1})
 
 
 def test_every_llama_server_is_scraped_with_its_own_key() -> None:

@@ -17,7 +17,7 @@ packages.install()
 
 # 2. GPU stack: driver, persistence mode, CUDA toolkit; the CPU path when no GPU is found.
 stack = gpu.install(cfg, gpu_conf)
-preflight.profile_matches_hardware(cfg, stack.gpu)
+preflight.profile_matches_hardware(cfg, stack.gpu, stack.memory_mib)
 
 # 3. llama.cpp built from the pinned commit (with CUDA for the GPU's architecture).
 binary = llama_cpp.build(cfg, jobs=preflight.build_jobs(cfg, cpus), gpu_cmake_args=stack.cmake_args)

@@ -95,6 +95,17 @@ def check_kv_pair(p: Profile) -> list[str]:
     return []
 
 
+def check_gpu_memory(cfg: HostConfig, reported_mib: tuple[int, ...]) -> list[str]:
+    """The plan's GPU memory against what nvidia-smi reports on a host with a driver."""
+    if not cfg.profile.uses_gpu or not reported_mib or min(reported_mib) >= cfg.gpu_memory_mib:
+        return []
+    return [
+        f"llama_gpu_memory_mib = {cfg.gpu_memory_mib}: nvidia-smi reports "
+        f"{min(reported_mib)} MiB (memory.total); the plan assumed more memory than the GPU "
+        "has: set llama_gpu_memory_mib to it and run `make plan` again"
+    ]
+
+
 _PARALLEL_STEPS = (8, 6, 4, 2, 1)
 
 

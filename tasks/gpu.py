@@ -137,6 +137,7 @@ class GpuResult:
     cmake_args: tuple[str, ...]  # for llama_cpp.build(gpu_cmake_args=...)
     reboot: Reboot | None  # the decision; None on the CPU path
     ready: bool  # the GPUs serve by the end of this run (False: CPU path or reboot pending)
+    memory_mib: tuple[int, ...] = ()  # each GPU's memory.total, where a driver answers now
 
 
 def settings() -> gpu.GpuSettings:
@@ -197,6 +198,7 @@ def install(
         cmake_args=gpu.cuda_cmake_args(archs, conf.cuda_version),
         reboot=decision,
         ready=ready,
+        memory_mib=tuple(g.memory_total_mib for g in found.smi.gpus),
     )
 
 

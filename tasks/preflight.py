@@ -11,7 +11,7 @@ from pyinfra.facts.hardware import Cpus
 
 from llamahost import lock as locks
 from llamahost.config import ConfigError, HostConfig, resolve
-from llamahost.plan import plan_for, render
+from llamahost.plan import check_gpu_memory, plan_for, render
 
 
 def host_config() -> HostConfig:
@@ -30,8 +30,12 @@ def host_config() -> HostConfig:
     return hp.cfg
 
 
-def profile_matches_hardware(cfg: HostConfig, gpu_path: bool) -> None:
-    """A GPU profile on a host where the GPU path is not taken would fail to start."""
+def profile_matches_hardware(cfg: HostConfig, gpu_path: bool, memory_mib: tuple[int, ...]) -> None:
+    """A GPU profile on a host where the GPU path is not taken would fail to start; a plan
+    made for more GPU memory than nvidia-smi reports would run out of it."""
+    problems = check_gpu_memory(cfg, memory_mib)
+    if problems:
+        raise PyinfraError(f"host {host.name!r}: {problems[0]} (nothing was changed)")
     if cfg.profile.uses_gpu and not gpu_path:
         raise PyinfraError(
             f"host {host.name!r}: llama_profile = {cfg.profile.name!r} needs an NVIDIA GPU and "

@@ -12,7 +12,7 @@ from llamahost import lock as locks
 from llamahost.config import resolve
 from llamahost.gguf_header import HeaderError, read_file
 from llamahost.memory import MIB, REFERENCE_SHAPES, ModelShape, compute_bytes, kv_bytes
-from llamahost.plan import plan_host, render
+from llamahost.plan import check_gpu_memory, plan_host, render
 from tests.support.tinygguf import write as write_tiny
 
 SEED = REFERENCE_SHAPES["unsloth/Seed-OSS-36B-Instruct-GGUF"]
@@ -171,3 +171,13 @@ def test_pick_file_resolves_the_guides_quant_tag(
 def test_pick_file_refuses_what_it_cannot_find() -> None:
     with pytest.raises(locks.LockError, match="no GGUF for tag Q8_0"):
         locks.pick_file(["A-Q4_K_M.gguf"], "Q8_0")
+
+
+def test_plan_memory_is_checked_against_nvidia_smi() -> None:
+    cfg = resolve("gpu-1", {"llama_profile": "balanced"})
+    assert check_gpu_memory(cfg, (40960,)) == []
+    assert check_gpu_memory(cfg, ()) == []  # no driver yet: nothing to compare
+    (problem,) = check_gpu_memory(cfg, (40960, 24576))
+    assert problem.startswith("llama_gpu_memory_mib = 40960: nvidia-smi reports 24576 MiB")
+    cpu = resolve("cpu-1", {"llama_profile": "cpu-demo"})
+    assert check_gpu_memory(cpu, (1024,)) == []

@@ -79,12 +79,23 @@ def _log(msg: str) -> None:
     print(f"[testhost] {msg}", file=sys.stderr, flush=True)
 
 
+def unmount_below(path: Path) -> None:
+    """Unmount what an interrupted debootstrap left mounted (its /proc) before deleting."""
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/mounts") as f:
+        points = [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
+    for point in sorted(points, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)
+
+
 def base_rootfs() -> Path:
     """The cached debootstrap tree; built once (about a minute)."""
     root = CACHE / "rootfs" / "bookworm"
     if (root / "etc" / "debian_version").exists():
         return root
     tmp = root.with_name("bookworm.partial")
+    if tmp.exists():
+        unmount_below(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     _log(f"debootstrap bookworm from {MIRROR}")

@@ -19,7 +19,6 @@ from tests.support.tinygguf import write as write_tiny
 
 NAME = "demo"
 SSH_PORT = 2222
-HUB_PORT = 18900
 PORT = 8080
 REPO_DIR = testhost.CACHE / "hub" / "llamahost" / "tiny-seed-oss-GGUF"
 
@@ -37,14 +36,15 @@ def up() -> int:
     if th is None or not th.alive():
         th = testhost.create(NAME, SSH_PORT)
     archive()
-    env = {
-        **os.environ,
-        "LLAMAHOST_LOCAL_HOST": NAME,
-        "LLAMAHOST_LOCAL_SSH_PORT": str(SSH_PORT),
-        "LLAMAHOST_LOCAL_PORT": str(PORT),
-        "LLAMAHOST_LOCAL_HUB": f"http://127.0.0.1:{HUB_PORT}",
-    }
-    with HubServer(Path(hub_root()), HUB_PORT):
+    # The Hub endpoint is needed only while the model downloads: any free port will do.
+    with HubServer(Path(hub_root())) as hub:
+        env = {
+            **os.environ,
+            "LLAMAHOST_LOCAL_HOST": NAME,
+            "LLAMAHOST_LOCAL_SSH_PORT": str(SSH_PORT),
+            "LLAMAHOST_LOCAL_PORT": str(PORT),
+            "LLAMAHOST_LOCAL_HUB": hub.url,
+        }
         rc = subprocess.call(
             [sys.executable, "-m", "pyinfra", "-y", "inventory/local.py", "deploy.py"], env=env
         )

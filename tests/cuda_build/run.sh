@@ -139,7 +139,9 @@ bin=$work/build/bin/llama-server
 linked=$(ldd "$bin")
 grep -q "libcudart.so.13 => $cuda/" <<<"$linked" || fail "llama-server does not link libcudart.so.13"
 grep -q "libcublas.so.13 => $cuda/" <<<"$linked" || fail "llama-server does not link libcublas.so.13"
-nm "$bin" | grep -q " T ggml_backend_cuda_reg$" || fail "no ggml-cuda backend in llama-server"
+# Through a file: `nm | grep -q` under pipefail fails when grep stops reading early.
+nm "$bin" >"$work/symbols.txt"
+grep -q " T ggml_backend_cuda_reg$" "$work/symbols.txt" || fail "no ggml-cuda backend in llama-server"
 "$bin" --version >"$work/version.txt" 2>&1 || fail "llama-server --version: $(cat "$work/version.txt")"
 # No GPU and no driver here: the CUDA backend loads, finds no driver and says so.
 "$bin" --list-devices >"$work/devices.txt" 2>&1 || true

@@ -27,9 +27,9 @@ from llamahost.config import (
     PREFIX,
     ConfigError,
     FieldError,
-    Invalid,
     Setting,
     check_rows,
+    either,
     http_url,
     integer,
     listen_address,
@@ -78,20 +78,16 @@ GPU_EXPORTER_URL = (
 duration = pattern(r"[1-9][0-9]{0,5}(?:ms|s|m|h|d|w|y)", "a duration like 15s, 12h or 15d")
 
 
-def scrape_address(v: Any) -> str:
-    if isinstance(v, str):
-        try:
-            ipaddress.ip_address(v)
-            return v
-        except ValueError:
-            pass
-        if re.fullmatch(
-            r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-            r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*",
-            v,
-        ):
-            return v
-    raise Invalid("must be a DNS name or an IP address")
+# An IP address (the same check as --host) or a DNS name.
+scrape_address = either(
+    listen_address,
+    pattern(
+        r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*",
+        "a DNS name",
+    ),
+    "a DNS name or an IP address",
+)
 
 
 # Rows in the shape of llamahost.config.SETTINGS (keys without the llama_ prefix).

@@ -15,24 +15,28 @@ cpus = preflight.cpu_count()
 service.account(cfg)
 packages.install()
 
-# 2. GPU stack: driver, persistence mode, CUDA toolkit; the CPU path when no GPU is found.
+# 2. The model download starts: it runs in the background while the driver and the build
+#    proceed (step 5 waits for it).
+download = model.start(cfg)
+
+# 3. GPU stack: driver, persistence mode, CUDA toolkit; the CPU path when no GPU is found.
 stack = gpu.install(cfg, gpu_conf)
 preflight.profile_matches_hardware(cfg, stack.gpu, stack.memory_mib)
 
-# 3. llama.cpp built from the pinned commit (with CUDA for the GPU's architecture).
+# 4. llama.cpp built from the pinned commit (with CUDA for the GPU's architecture).
 binary = llama_cpp.build(cfg, jobs=preflight.build_jobs(cfg, cpus), gpu_cmake_args=stack.cmake_args)
 
-# 4. The model, pre-downloaded and verified.
-fetched = model.download(cfg)
+# 5. The model downloaded and verified.
+fetched = model.finish(download)
 
-# 5. API key, unit for the host's profile, start; restart only on change. Not while a
+# 6. API key, unit for the host's profile, start; restart only on change. Not while a
 #    driver reboot is pending: the GPU cannot serve until then.
 key = service.api_key(cfg)
 unit = service.unit(cfg, llama_cpp.binary_path(cfg), cpus, gpu.unit_lines(stack))
 if not stack.gpu or stack.ready:
     service.run(unit, [binary, key, *([fetched] if fetched else [])])
 
-# 6. Monitoring, when the inventory has a `monitoring` group: the exporters here, and on
+# 7. Monitoring, when the inventory has a `monitoring` group: the exporters here, and on
 #    the group's hosts Prometheus scraping every llama-server of the inventory.
 monitoring.exporters(cfg)
 monitoring.prometheus()

@@ -12,6 +12,13 @@ cut at 90% would start again from zero. Here:
   into place; a wrong file is deleted, never promoted;
 * progress (bytes, rate, time left) goes to stdout and to --log every --every seconds;
 * a token, when needed, is read from --token-file, never from the command line.
+
+The deploy runs it in the background so that the download overlaps the driver and the
+build: ``--start`` checks what can be checked at once (the repository and file, the token,
+free space) and hands the transfer to a transient systemd unit, which outlives the SSH
+session; ``--wait`` follows that unit's progress log until it ends, starts it again if it
+is gone with the file still missing (a reboot into a new driver kills it), and exits 0 only
+for a verified file.
 """
 
 from __future__ import annotations
@@ -20,12 +27,19 @@ import argparse
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import IO
 
 CHUNK = 1 << 20  # at most this much is lost when the connection drops
 MIB = 1 << 20
+POLL = 2.0  # seconds between looks at the background unit
+# Passed on to the background unit (systemd-run copies their values through D-Bus). Never
+# HF_TOKEN: a unit's environment is readable by anyone through `systemctl show`.
+PASS_ENV = ("HF_ENDPOINT", "HF_HUB_DISABLE_TELEMETRY", "HF_HOME", "HF_HUB_CACHE")
+PASS_ENV_PROXY = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
 
 
 class Progress:
@@ -119,7 +133,7 @@ def promote_pushed(a: argparse.Namespace) -> int:
     return 0
 
 
-def main() -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repo", required=True)
     ap.add_argument("--file", required=True)
@@ -133,60 +147,81 @@ def main() -> int:
     ap.add_argument("--log", default=None, help="also append progress here")
     ap.add_argument("--from-file", default=None, help="verify and promote this pushed file")
     ap.add_argument("--size", type=int, default=None, help="expected size (--from-file)")
-    a = ap.parse_args()
-    if a.from_file:
-        return promote_pushed(a)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--start", action="store_true", help="check, then download in a unit")
+    mode.add_argument("--wait", action="store_true", help="wait for that unit; verify")
+    return ap.parse_args(argv)
 
-    # Here, not at the top: a pushed file (--from-file) is promoted by the system python of a
-    # host that has no venv and no internet.
-    from huggingface_hub import HfApi, constants, get_session, hf_hub_url
+
+@dataclass
+class Transfer:
+    token: str | None
+    size: int
+    expected: str | None  # sha256
+    part: str  # the partial file in DEST_DIR/.partial/
+    have: int  # bytes of it already there
+
+
+def resolve(a: argparse.Namespace, consume_token: bool) -> Transfer | int:
+    """What to fetch and whether there is room for it; an exit code when not."""
+    from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
-    from huggingface_hub.utils._headers import build_hf_headers
 
     token = None
     if a.token_file:
         with open(a.token_file) as f:
             token = f.read().strip() or None
-        os.unlink(a.token_file)  # used once, by this process only
+        if consume_token:
+            os.unlink(a.token_file)  # used once, by this process only
 
     infos = HfApi(token=token).get_paths_info(a.repo, [a.file], revision=a.revision)
     meta = infos[0] if infos else None
     if not isinstance(meta, RepoFile):
         print(f"{a.repo}@{a.revision} has no file {a.file}", file=sys.stderr)
         return 2
-    size = meta.size
     expected = a.sha256 or (meta.lfs.sha256 if meta.lfs else None)
-    if verify_in_place(a.dest, expected):
-        print(f"{a.dest}: already there, sha256 {expected} verified again")
-        return 0
-
-    dest_dir = os.path.dirname(a.dest)
-    partial_dir = os.path.join(dest_dir, ".partial")
+    partial_dir = os.path.join(os.path.dirname(a.dest), ".partial")
     os.makedirs(partial_dir, mode=0o750, exist_ok=True)
     tag = (expected or a.revision)[:16]
     part = os.path.join(partial_dir, f"{os.path.basename(a.dest)}.{tag}.part")
     have = os.path.getsize(part) if os.path.exists(part) else 0
-    if have > size:
+    if have > meta.size:
         os.unlink(part)
         have = 0
 
     # Before any byte moves: room for the rest of the file and the margin.
     free = shutil.disk_usage(partial_dir).free
-    need = size - have + a.margin_mib * MIB
+    need = meta.size - have + a.margin_mib * MIB
     if free < need:
         print(
             f"not enough space in {partial_dir}: {free} bytes free, {need} needed "
-            f"({size - have} still to download + {a.margin_mib} MiB margin); nothing downloaded",
+            f"({meta.size - have} still to download + {a.margin_mib} MiB margin); "
+            "nothing downloaded",
             file=sys.stderr,
         )
         return 4
+    return Transfer(token, meta.size, expected, part, have)
+
+
+def download(a: argparse.Namespace) -> int:
+    """The transfer itself (in the foreground, or as the background unit's process)."""
+    from huggingface_hub import constants, get_session, hf_hub_url
+    from huggingface_hub.utils._headers import build_hf_headers
+
+    t = resolve(a, consume_token=True)
+    if isinstance(t, int):
+        return t
+    if verify_in_place(a.dest, t.expected):
+        print(f"{a.dest}: already there, sha256 {t.expected} verified again")
+        return 0
+    size, have, part = t.size, t.have, t.part
 
     log = open(a.log, "a") if a.log else None  # noqa: SIM115  (open for the whole run)
     progress = Progress(size, have, a.every, log)
     h, hashed = sha256_prefix(part) if have else (hashlib.sha256(), 0)
     assert hashed == have
     url = hf_hub_url(a.repo, a.file, revision=a.revision, endpoint=constants.ENDPOINT)
-    headers = build_hf_headers(token=token)
+    headers = build_hf_headers(token=t.token)
     if have:
         headers["Range"] = f"bytes={have}-"
         progress.say(f"resuming {a.file} at {have} of {size} bytes")
@@ -220,10 +255,10 @@ def main() -> int:
     progress.say(f"transferred {transferred} bytes in this run")
 
     digest = h.hexdigest()
-    if have != size or (expected and digest != expected):
+    if have != size or (t.expected and digest != t.expected):
         os.unlink(part)  # a wrong file is never resumed either
         print(
-            f"{a.file}: size {have} (expected {size}), sha256 {digest} (expected {expected}); "
+            f"{a.file}: size {have} (expected {size}), sha256 {digest} (expected {t.expected}); "
             "not promoted",
             file=sys.stderr,
         )
@@ -231,6 +266,145 @@ def main() -> int:
     promote(part, a.dest, digest, a.group)
     progress.say(f"{a.dest}: {size} bytes, sha256 {digest}")
     return 0
+
+
+# ---------------------------------------------------------------- in the background
+def unit_name(dest: str) -> str:
+    """One unit per destination: a rerun finds its own download, not another file's."""
+    return "llamahost-model-download-" + hashlib.sha256(dest.encode()).hexdigest()[:12]
+
+
+def unit_state(unit: str) -> dict[str, str]:
+    out = subprocess.run(
+        ["systemctl", "show", unit, "-p", "ActiveState,Result,ExecMainStatus,InvocationID"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def running(state: dict[str, str]) -> bool:
+    return state.get("ActiveState") in ("active", "activating", "deactivating", "reloading")
+
+
+def start(a: argparse.Namespace, argv: list[str]) -> int:
+    """Check at once what can fail at once; then the transfer, in a transient unit."""
+    unit = unit_name(a.dest)
+    if running(unit_state(unit)):
+        print(f"{unit} is already downloading {a.file}")
+        return 0
+    t = resolve(a, consume_token=False)  # the unit's process reads and deletes the token
+    if isinstance(t, int):
+        drop_token(a)
+        return t
+    # A failed unit of an earlier run keeps its name until reset.
+    subprocess.run(["systemctl", "reset-failed", unit], capture_output=True, check=False)
+    env = [k for k in (*PASS_ENV, *PASS_ENV_PROXY) if k in os.environ]
+    env += [k.upper() for k in PASS_ENV_PROXY if k.upper() in os.environ]
+    child = [a for a in argv if a not in ("--start", "--wait")]
+    cmd = [
+        "systemd-run",
+        f"--unit={unit}",
+        f"--description=llamahost: download {a.repo}/{a.file}",
+        "--property=Type=exec",
+        "--quiet",
+        *[f"--setenv={k}" for k in env],
+        "--",
+        sys.executable,
+        os.path.abspath(__file__),
+        *child,
+    ]
+    rc = subprocess.run(cmd, check=False).returncode
+    if rc:
+        drop_token(a)
+    else:
+        where = f"; progress: {a.log}" if a.log else ""
+        print(f"downloading {a.file} in the background ({unit}{where})")
+    return rc
+
+
+def verified(dest: str, pinned: str | None) -> bool:
+    """The sidecar written after verification still describes the file (a stat)."""
+    try:
+        with open(dest + ".sha256") as f:
+            digest, stamp = f.readline().strip(), f.readline().split()
+        st = os.stat(dest)
+    except OSError:
+        return False
+    if pinned and digest != pinned:
+        return False
+    return stamp == [f"size={st.st_size}", f"mtime={int(st.st_mtime)}"]
+
+
+def wait(a: argparse.Namespace, argv: list[str]) -> int:
+    """Follow the unit until it ends; exit 0 only for a verified file."""
+    unit = unit_name(a.dest)
+    try:
+        state = unit_state(unit)
+        if not running(state) and state.get("ActiveState") != "failed":
+            if verified(a.dest, a.sha256):
+                print(f"{a.dest}: downloaded and verified")
+                return 0
+            # Gone with the file still missing (a reboot since --start): again, resumed.
+            rc = start(a, argv)
+            if rc:
+                return rc
+        offset = os.path.getsize(a.log) if a.log and os.path.exists(a.log) else 0
+        while True:
+            state = unit_state(unit)
+            offset = follow(a.log, offset)
+            if not running(state):
+                break
+            time.sleep(POLL)
+        if state.get("ActiveState") == "failed":
+            journal = subprocess.run(
+                ["journalctl", "--no-pager", "-o", "cat", "-n", "40",
+                 f"_SYSTEMD_INVOCATION_ID={state.get('InvocationID', '')}"],
+                capture_output=True, text=True, check=False,
+            ).stdout  # fmt: skip
+            subprocess.run(["systemctl", "reset-failed", unit], capture_output=True, check=False)
+            sys.stderr.write(journal)
+            print(f"{unit} failed ({state.get('Result')})", file=sys.stderr)
+            return int(state.get("ExecMainStatus") or 1) or 1
+        if not verified(a.dest, a.sha256):
+            print(f"{unit} ended without a verified {a.dest}", file=sys.stderr)
+            return 1
+        print(f"{a.dest}: downloaded and verified")
+        return 0
+    finally:
+        # Placed again for a restart after a reboot: not left behind either way.
+        drop_token(a)
+
+
+def drop_token(a: argparse.Namespace) -> None:
+    if a.token_file and os.path.exists(a.token_file):
+        os.unlink(a.token_file)
+
+
+def follow(log: str | None, offset: int) -> int:
+    """Print what the progress log gained since offset; return the new offset."""
+    if not log or not os.path.exists(log):
+        return offset
+    with open(log) as f:
+        f.seek(offset)
+        sys.stdout.write(f.read())
+        sys.stdout.flush()
+        return f.tell()
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    a = parse_args(argv)
+    if a.from_file:
+        # The air-gapped route needs no huggingface_hub: the system python of a host with
+        # no venv and no internet runs it.
+        return promote_pushed(a)
+    if a.start:
+        return start(a, argv)
+    if a.wait:
+        return wait(a, argv)
+    return download(a)
 
 
 if __name__ == "__main__":

@@ -256,6 +256,13 @@ SETTINGS: tuple[Setting, ...] = (
         integer(0, 1 << 22),
         "Free space kept spare on the model filesystem after a download.",
     ),
+    Setting(
+        "model_download_overlap",
+        True,
+        boolean,
+        "Download in the background while the driver and llama.cpp build (the service start "
+        "waits for it); false: download after the build.",
+    ),
     Setting("hf_venv", "/opt/llamahost/hf-venv", abs_path, "Venv with huggingface_hub."),
     Setting(
         "hf_hub_version",
@@ -368,6 +375,7 @@ class HostConfig:
     hf_token: str | None
     model_source: str
     model_disk_margin_mib: int
+    model_download_overlap: bool
     hf_venv: str
     hf_hub_version: str
     cpp_commit: str

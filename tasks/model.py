@@ -4,9 +4,13 @@ The file lives at a path made of repository, revision and file name, so a change
 them is a new path (a new unit, a restart) and an existing, verified path is never
 downloaded again. The fetch script (files/llama_fetch_model.py) resumes an interrupted
 transfer, checks free space first, and promotes only a verified file.
+
+The download starts early and runs in the background (a transient systemd unit) while the
+driver and llama.cpp build; the service start waits for it (start() and finish()).
 """
 
 import shlex
+from dataclasses import dataclass
 from datetime import timezone
 from io import StringIO
 from typing import Any
@@ -38,8 +42,19 @@ def verified_intact(cfg: HostConfig, stat: Any) -> bool:
     return bool(stamp == [f"size={stat['size']}", f"mtime={mtime}"])
 
 
-def download(cfg: HostConfig) -> OperationMeta | None:
-    """Ensure the model file is present; return the download op when one is needed."""
+@dataclass(frozen=True)
+class Download:
+    """What start() planned, for finish() to complete."""
+
+    cfg: HostConfig
+    argv: tuple[str, ...] | None  # the fetch script's command; None: nothing to download
+    pushed: OperationMeta | None  # the controller route, completed by start()
+
+
+def start(cfg: HostConfig) -> Download:
+    """Plan the model: nothing when it is present and verified; otherwise its download,
+    started in the background (llama_model_download_overlap) so that it runs while the
+    driver and llama.cpp build, or the controller's push."""
     if cfg.model_source == "hub":
         pip.venv(name="huggingface_hub venv", path=cfg.hf_venv, python="python3")
         pip.packages(
@@ -65,9 +80,9 @@ def download(cfg: HostConfig) -> OperationMeta | None:
     # checking the sha256, with the size and mtime it checked): nothing to do. Otherwise the
     # fetch script verifies the file again and fetches it only if it is wrong.
     if verified_intact(cfg, host.get_fact(File, path=cfg.model_path)):
-        return None
+        return Download(cfg, None, None)
     if cfg.model_source == "controller":
-        return push_from_controller(cfg)
+        return Download(cfg, None, push_from_controller(cfg))
     files.directory(name="Download log directory", path="/var/log/llamahost", mode="0750")
     argv = [
         f"{cfg.hf_venv}/bin/python",
@@ -84,27 +99,65 @@ def download(cfg: HostConfig) -> OperationMeta | None:
     if cfg.model_sha256:
         argv += ["--sha256", cfg.model_sha256]
     if cfg.hf_token:
-        # The token reaches the host as a root-only file that the fetch script reads and
-        # deletes: never on a command line (pyinfra's _env would put it there), in a unit
-        # or in a log, and never readable by the service user.
-        files.directory(name="Runtime directory", path="/run/llamahost", mode="0700")
-        files.put(
-            name="Hub token for this download",
-            src=StringIO(cfg.hf_token + "\n"),
-            dest=TOKEN_FILE,
-            user="root",
-            group="root",
-            mode="0600",
-        )
         argv += ["--token-file", TOKEN_FILE]
+    download = Download(cfg, tuple(argv), None)
+    if cfg.model_download_overlap:
+        _launch(download)
+    return download
+
+
+def finish(download: Download) -> OperationMeta | None:
+    """Wait for the download and verify it; return the operation that brought a new file."""
+    if download.pushed or download.argv is None:
+        return download.pushed
+    if not download.cfg.model_download_overlap:
+        _launch(download)
+    # Again: if a reboot into the new driver killed the download, --wait starts it again.
+    _place_token(download.cfg)
+    return server.shell(
+        name=f"{_title(download.cfg)}: wait for it and verify",
+        commands=[shlex.join([*download.argv, "--wait"])],
+        _env=_env(download.cfg),
+    )
+
+
+def _launch(download: Download) -> None:
+    """--start: repository, file, token and free space checked now (a clear error before
+    anything is fetched); the transfer goes on in a transient unit."""
+    assert download.argv is not None
+    _place_token(download.cfg)
+    server.shell(
+        name=f"{_title(download.cfg)} (in the background; progress: {DOWNLOAD_LOG})",
+        commands=[shlex.join([*download.argv, "--start"])],
+        _env=_env(download.cfg),
+    )
+
+
+def _title(cfg: HostConfig) -> str:
+    return f"Download {cfg.model_repo}/{cfg.model_file}@{cfg.model_revision}"
+
+
+def _env(cfg: HostConfig) -> dict[str, str]:
     env = {"HF_HUB_DISABLE_TELEMETRY": "1"}
     if cfg.hf_endpoint:
         env["HF_ENDPOINT"] = cfg.hf_endpoint
-    return server.shell(
-        name=f"Download {cfg.model_repo}/{cfg.model_file}@{cfg.model_revision}"
-        f" (progress: {DOWNLOAD_LOG})",
-        commands=[shlex.join(argv)],
-        _env=env,
+    return env
+
+
+def _place_token(cfg: HostConfig) -> None:
+    """The token reaches the host as a root-only file that the fetch script reads and
+    deletes: never on a command line (pyinfra's _env would put it there), in a unit or in a
+    log, and never readable by the service user."""
+    if not cfg.hf_token:
+        return
+    files.directory(name="Runtime directory", path="/run/llamahost", mode="0700")
+    files.put(
+        name="Hub token for this download",
+        src=StringIO(cfg.hf_token + "\n"),
+        dest=TOKEN_FILE,
+        user="root",
+        group="root",
+        mode="0600",
     )
 
 

@@ -64,6 +64,43 @@ def test_interrupted_download_is_completed_by_the_next_run(site: Site, deployed:
     site.sh("rm -rf /var/lib/llama-models/interrupt")
 
 
+def test_first_deploy_downloads_while_llama_cpp_builds(site: Site, deployed: Run) -> None:
+    # The transient unit started before the build ended: the two overlapped (without the
+    # overlap the download starts after the build's last step).
+    started = site.sh(
+        "journalctl --no-pager -o short-unix -u 'llamahost-model-download-*' | grep -m1 Started"
+    )
+    built = float(site.sh("stat -c %Y /opt/llama.cpp/current/logs/build-seconds"))
+    build_s = float(site.sh("cat /opt/llama.cpp/current/logs/build-seconds"))
+    assert float(started.split()[0]) < built - build_s / 2, (started, built, build_s)
+    ops = [op for op in deployed.changed_operations() if op.startswith(f"Download {MODEL_REPO}/")]
+    assert len(ops) == 2, ops
+    assert "(in the background; progress: /var/log/llamahost/" in ops[0]
+    assert ops[1].endswith(": wait for it and verify")
+
+
+def test_wait_starts_a_download_that_is_not_running(site: Site, deployed: Run) -> None:
+    # What a reboot into a new driver leaves: no unit, no file. --wait starts the transfer
+    # in its unit, follows its log and succeeds only for the verified file.
+    data = os.urandom(3 << 20)
+    _add(site, "wait/repo", "w.gguf", data)
+    dest = "/var/lib/llama-models/wait/w.gguf"
+    site.sh("mkdir -p /var/lib/llama-models/wait")
+    run = _fetch(site, "wait/repo", "w.gguf", dest, "--wait", "--log", "/tmp/w.log")
+    assert run.returncode == 0, run.stderr
+    assert "downloading w.gguf in the background (llamahost-model-download-" in run.stdout
+    assert f"{dest}: downloaded and verified" in run.stdout
+    assert "transferred 3145728 bytes in this run" in run.stdout  # followed from the log
+    assert site.sh(f"sha256sum {dest}").split()[0] == hashlib.sha256(data).hexdigest()
+    # A failing transfer: the unit's own error, its exit code, nothing promoted.
+    site.hub.hub.corrupt.add("wait/repo/w2.gguf")
+    _add(site, "wait/repo", "w2.gguf", data)
+    bad = _fetch(site, "wait/repo", "w2.gguf", dest + "2", "--wait")
+    assert bad.returncode == 3, bad.stdout + bad.stderr
+    assert "not promoted" in bad.stderr and "failed (exit-code)" in bad.stderr
+    assert site.sh(f"test -e {dest}2 || echo absent").strip() == "absent"
+
+
 def test_corrupted_bytes_are_refused_and_the_old_model_still_served(
     site: Site, deployed: Run
 ) -> None:

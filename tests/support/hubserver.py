@@ -49,6 +49,9 @@ class Hub:
         self.corrupt: set[str] = set()  # serve the bytes with one flipped
         self.tokens: dict[str, str] = {}  # owner -> the bearer token its repos require
         self.rate: float | None = None  # bytes per second per connection, to interrupt
+        # Bytes per second for whole-file GETs only (a slow link for the download, while the
+        # plan's header reads stay fast).
+        self.full_rate: float | None = None
 
     def repo_dir(self, owner: str, name: str) -> Path | None:
         d = self.root / owner / name
@@ -186,8 +189,9 @@ def make_handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                     if drop is not None and sent + len(chunk) > drop:
                         chunk = chunk[: drop - sent]
                     self.wfile.write(chunk)
-                    if hub.rate:
-                        time.sleep(len(chunk) / hub.rate)
+                    rate = hub.full_rate if status == 200 and hub.full_rate else hub.rate
+                    if rate:
+                        time.sleep(len(chunk) / rate)
                     sent += len(chunk)
                     left -= len(chunk)
                     hub.served_bytes[key] = hub.served_bytes.get(key, 0) + len(chunk)

@@ -4,8 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 INVENTORY ?= inventory/prod.py
 # debootstrap + systemd-nspawn make the local test host; ssh reaches it; prometheus brings
-# promtool for the rules tests (this image's policy-rc.d keeps the daemon from starting).
-SYSTEM_PACKAGES := debootstrap systemd-container openssh-client curl ca-certificates prometheus
+# promtool for the rules tests (this image's policy-rc.d keeps the daemon from starting);
+# gnupg and openssl sign and serve the stand-in NVIDIA repository (tests/support/fakenvidia.py).
+SYSTEM_PACKAGES := debootstrap systemd-container openssh-client curl ca-certificates prometheus \
+	gnupg openssl
 
 .PHONY: help sysdeps venv lint unit e2e test demo demo-destroy plan lock test-cuda-build compliance
 

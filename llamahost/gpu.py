@@ -42,6 +42,7 @@ NVIDIA_VENDOR = "10de"
 GPU_PCI_CLASSES = frozenset({"0300", "0302"})
 
 CUDA_KEYRING_VERSION = "1.1-1"
+PINNING_PREFIX = "nvidia-driver-pinning-"  # NVIDIA's repository: one package per branch
 CUDA_REPO_HOST = "developer.download.nvidia.com"
 
 # nvidia-smi's query; the order is the parser's.
@@ -59,6 +60,16 @@ SMI_QUERY = f"nvidia-smi --query-gpu={','.join(SMI_FIELDS)} --format=csv,noheade
 PERSISTENCED_UNIT = "nvidia-persistenced.service"
 PERSISTENCED_DROPIN = "/etc/systemd/system/nvidia-persistenced.service.d/llamahost.conf"
 NOUVEAU_BLACKLIST = "/etc/modprobe.d/blacklist-nouveau.conf"
+# Rebuilt when the blacklist changes, with the tool the host boots with: initramfs-tools
+# (Debian, Ubuntu) or dracut. Some hosts have neither (a container, an image that boots
+# without an initramfs): nothing loads nouveau early there, so the blacklist alone is enough,
+# and the run says so instead of failing on a missing command.
+INITRAMFS_REBUILD = (
+    "if command -v update-initramfs >/dev/null 2>&1; then update-initramfs -u; "
+    "elif command -v dracut >/dev/null 2>&1; then dracut -f; "
+    "else echo 'no initramfs tool (update-initramfs, dracut) on this host: "
+    "no initramfs to rebuild, the blacklist applies from the next boot'; fi"
+)
 # Files whose names sort first so that they win over the CUDA repository's pin file.
 CANONICAL_DRIVER_PIN = "/etc/apt/preferences.d/00-llamahost-nvidia-driver-from-canonical"
 
@@ -606,7 +617,7 @@ def driver_plan(
         )
 
     # NVIDIA's repository: DKMS only, the branch held by the pinning package.
-    pinning = f"nvidia-driver-pinning-{branch}"
+    pinning = PINNING_PREFIX + branch
     if dist.ubuntu:
         # From 590 on, NVIDIA's Ubuntu packages drop the branch from their names [read:
         # NVIDIA driver installation guide, "Ubuntu 590 and later packages"].
@@ -649,6 +660,26 @@ def keyring_file() -> str:
     return f"cuda-keyring_{CUDA_KEYRING_VERSION}_all.deb"
 
 
+def other_pinning(plan: DriverPlan, installed: Iterable[str]) -> tuple[str, ...]:
+    """Installed pinning packages of other branches, which the plan's must replace.
+
+    Purged in the same apt transaction that installs the plan's: two branches' pins must
+    not both stay, and they are held, and apt's resolver does not remove a held package to
+    resolve a conflict even with --allow-change-held-packages (seen on the test host, whose
+    stand-in pinning packages conflict with each other). A plain removal would leave the
+    preference in place (a conffile).
+    """
+    if plan.pinning is None:
+        return ()
+    return tuple(
+        sorted(
+            name
+            for name in installed
+            if re.fullmatch(re.escape(PINNING_PREFIX) + "[0-9]+", name) and name != plan.pinning
+        )
+    )
+
+
 def off_branch(plan: DriverPlan, installed: Mapping[str, Iterable[str]]) -> tuple[str, ...]:
     """Driver packages installed at a version of another branch.
 
@@ -678,8 +709,10 @@ def parse_package_states(lines: Iterable[str] | None) -> dict[str, bool]:
 
 
 def hold_needed(states: Mapping[str, bool], plan: DriverPlan) -> bool:
-    """Whether a hold must run: a driver package is not installed yet, or one is not held."""
-    wanted = {p for p in plan.packages if _held_kind(p)}
+    """Whether a hold must run: a driver package or the pinning package is not installed
+    yet, or one is not held. The pinning package counts: after a branch move it is the one
+    package new to the host while every driver package is still held."""
+    wanted = {p for p in (*plan.packages, plan.pinning) if p and _held_kind(p)}
     return bool(wanted - set(states)) or not all(states.values())
 
 

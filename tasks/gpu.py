@@ -258,22 +258,36 @@ def configuration() -> tuple[OperationMeta, OperationMeta]:
     server.shell(
         name="Rebuild the initramfs without nouveau",
         # Shell: no operation rebuilds an initramfs. Only when the blacklist changed.
-        commands=["update-initramfs -u"],
+        commands=[gpu.INITRAMFS_REBUILD],
         _if=blacklist.did_change,
     )
     return dropin, blacklist
 
 
 def driver_packages(plan: gpu.DriverPlan) -> OperationMeta:
+    installed = host.get_fact(DebPackages)
     if plan.pinning:
         # First and alone: otherwise unversioned packages can resolve to a newer branch.
-        # Another branch's pinning package is held: a deliberate move replaces it.
-        apt.packages(
-            name=f"Pin the driver to branch {plan.branch}",
-            packages=[plan.pinning],
-            extra_install_args="--allow-change-held-packages",
-        )
-    stale = gpu.off_branch(plan, host.get_fact(DebPackages))
+        pin = f"Pin the driver to branch {plan.branch}"
+        others = gpu.other_pinning(plan, installed)
+        if others:
+            # Shell: a deliberate move replaces the other branch's held pinning package in
+            # one transaction ("name-" removes), which apt.packages cannot express. Purged:
+            # its apt preference is a conffile, which a removal would leave in force.
+            server.shell(
+                name=pin,
+                commands=[
+                    noninteractive_apt(
+                        "install --purge --allow-change-held-packages "
+                        + " ".join([plan.pinning, *(o + "-" for o in others)])
+                    )
+                ],
+            )
+        else:
+            apt.packages(
+                name=pin, packages=[plan.pinning], extra_install_args="--allow-change-held-packages"
+            )
+    stale = gpu.off_branch(plan, installed)
     if stale:
         # Shell: apt.packages sees these names installed and would change nothing; they
         # are on another branch (NVIDIA's names carry none). Planned only in that case.

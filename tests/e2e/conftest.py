@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -89,10 +90,14 @@ class Site:
         }
 
     def deploy(
-        self, *extra: str, inventory: str = "inventory/local.py", env: dict[str, str] | None = None
+        self,
+        *extra: str,
+        inventory: str = "inventory/local.py",
+        env: dict[str, str] | None = None,
+        deploy_file: str = "deploy.py",
     ) -> Run:
         env = env or self.env()
-        argv = [sys.executable, "-m", "pyinfra", "-y", "--json", inventory, "deploy.py", *extra]
+        argv = [sys.executable, "-m", "pyinfra", "-y", "--json", inventory, deploy_file, *extra]
         t0 = time.monotonic()
         p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
         return Run(p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
@@ -130,26 +135,33 @@ class Site:
         )
 
 
-def _missing_prerequisites() -> str | None:
+def require_prerequisites(what: str, *tools: str) -> None:
+    """Skip (fail in CI) where this machine cannot make test hosts."""
+    missing = None
     if os.geteuid() != 0:
-        return "needs root (debootstrap and systemd-nspawn)"
-    for tool in ("debootstrap", "systemd-nspawn", "ssh", "ssh-keygen"):
-        if shutil.which(tool) is None:
-            return f"needs {tool} (make sysdeps installs it)"
-    return None
+        missing = "needs root (debootstrap, systemd-nspawn)"
+    for tool in ("debootstrap", "systemd-nspawn", "ssh", "ssh-keygen", *tools):
+        if missing is None and shutil.which(tool) is None:
+            missing = f"needs {tool} (make sysdeps installs it)"
+    if missing and os.environ.get("CI"):
+        pytest.fail(f"{what} cannot run in CI: {missing}")
+    if missing:
+        pytest.skip(f"{what} skipped: {missing}")
+
+
+def tiny_hub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hub endpoint's root serving the tiny model."""
+    root = tmp_path_factory.mktemp("hub")
+    (root / MODEL_REPO).mkdir(parents=True)
+    write_tiny(str(root / MODEL_REPO / MODEL_FILE))
+    return root
 
 
 @pytest.fixture(scope="session")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    missing = _missing_prerequisites()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"end-to-end tests cannot run in CI: {missing}")
-        pytest.skip(f"end-to-end tests skipped: {missing}")
+    require_prerequisites("end-to-end tests")
     archive()
-    hub_root = tmp_path_factory.mktemp("hub")
-    (hub_root / MODEL_REPO).mkdir(parents=True)
-    write_tiny(str(hub_root / MODEL_REPO / MODEL_FILE))
+    hub_root = tiny_hub_root(tmp_path_factory)
     name = f"e2e-{os.getpid()}"
     with HubServer(hub_root) as hub:
         host = testhost.create(name, free_port())

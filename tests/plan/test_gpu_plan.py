@@ -98,7 +98,7 @@ def test_fresh_gpu_host_installs_the_stack_and_reboots(distro: str, nouveau: boo
 
     assert_dropin_uploaded(p)
     assert index(p, DROPIN_OP) < index(p, DRIVER_OP)  # the packaged start reads it
-    assert p.commands("Rebuild the initramfs") == ("update-initramfs -u",)
+    assert p.commands("Rebuild the initramfs") == (gpu.INITRAMFS_REBUILD,)
     assert "apt-mark hold" in p.commands("Hold the driver packages")[0]
     assert "cuda-keyring_1.1-1_all.deb" in p.commands("NVIDIA's CUDA repository")[0]
 
@@ -166,8 +166,11 @@ def test_module_and_user_space_mismatch_reboots_without_package_changes() -> Non
 def test_moving_debian_to_another_branch_replaces_the_held_packages_and_reboots() -> None:
     # NVIDIA's Debian packages keep their names: only the pinning package names the branch.
     p = plan(FakeHost("debian-12", driver="current"), {"llama_driver_branch": "590"})
+    # The held pinning package of 580 is purged in the same transaction (apt will not
+    # remove a held package to resolve a conflict; a removal would keep its preference).
     assert p.commands("Pin the driver")[0].endswith(
-        "install --allow-change-held-packages nvidia-driver-pinning-590"
+        "install --purge --allow-change-held-packages "
+        "nvidia-driver-pinning-590 nvidia-driver-pinning-580-"
     )
     (move,) = p.commands("Move the driver to branch 590")
     assert move.endswith(
@@ -175,6 +178,7 @@ def test_moving_debian_to_another_branch_replaces_the_held_packages_and_reboots(
         "nvidia-driver-cuda nvidia-kernel-open-dkms nvidia-persistenced"
     )
     assert index(p, "Pin the driver") < index(p, "Move the driver") < index(p, REBOOT_OP)
+    assert p.has("Hold the driver packages")  # the new pinning package
     assert p.result.reboot is not None and p.result.reboot.reasons[0].startswith(
         "the driver moves to branch 590"
     )

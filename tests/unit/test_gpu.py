@@ -3,6 +3,7 @@ reboot decision, the CUDA build's flags, and bad input named with host and field
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -389,6 +390,24 @@ def test_hold_needed_until_every_driver_package_is_held() -> None:
     assert states == {"nvidia-utils-580-server": True, "libcuda1": False}
 
 
+def test_the_pinning_package_is_held_too_so_a_branch_move_holds_the_new_one() -> None:
+    p = plan_for(DEBIAN_12, "6.1.0-27-cloud-amd64", [], driver_branch="590")
+    # The driver's packages kept their names and holds from 580; the new pin is not held.
+    held = {name: True for name in ("nvidia-driver-cuda", "nvidia-kernel-open-dkms")}
+    held |= {"nvidia-persistenced": True, "nvidia-driver-pinning-580": True}
+    assert gpu.hold_needed(held, p)
+    assert not gpu.hold_needed({**held, "nvidia-driver-pinning-590": True}, p)
+
+
+def test_other_branches_pinning_packages_are_replaced() -> None:
+    p = plan_for(DEBIAN_12, "6.1.0-27-cloud-amd64", [], driver_branch="590")
+    installed = ["nvidia-driver-pinning-580", "nvidia-driver-pinning-590", "nvidia-driver-cuda"]
+    assert gpu.other_pinning(p, installed) == ("nvidia-driver-pinning-580",)
+    assert gpu.other_pinning(p, ["nvidia-driver-pinning-590"]) == ()
+    canonical = plan_for(UBUNTU_2204, "5.15.0-161-generic", ["linux-image-generic"])
+    assert gpu.other_pinning(canonical, installed) == ()  # no pin of its own to replace
+
+
 # ---------------------------------------------------------------- reboot
 DEB = ["nvidia-driver-cuda", "nvidia-kernel-open-dkms", "nvidia-persistenced"]
 
@@ -530,6 +549,38 @@ def test_nouveau_blacklist_and_canonical_pin() -> None:
     # apt reads preferences.d in order and ignores names with other characters.
     name = gpu.CANONICAL_DRIVER_PIN.rsplit("/", 1)[1]
     assert name < "cuda-repository-pin-600" and name.replace("-", "").isalnum()
+
+
+@pytest.mark.parametrize(
+    ("tools", "ran"),
+    [
+        (["update-initramfs", "dracut"], "update-initramfs -u"),
+        (["dracut"], "dracut -f"),
+        ([], None),
+    ],
+    ids=["initramfs-tools", "dracut", "neither"],
+)
+def test_initramfs_rebuild_uses_the_hosts_tool_or_says_there_is_none(
+    tmp_path: Path, tools: list[str], ran: str | None
+) -> None:
+    # The real shell command, with stand-ins for the tools on an otherwise empty PATH.
+    log = tmp_path / "ran"
+    for tool in tools:
+        stub = tmp_path / tool
+        stub.write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\n')
+        stub.chmod(0o755)
+    out = subprocess.run(
+        ["/bin/sh", "-c", gpu.INITRAMFS_REBUILD],
+        env={"PATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    if ran is None:
+        assert not log.exists()
+        assert "no initramfs to rebuild" in out.stdout
+    else:
+        assert log.read_text() == ran + "\n" and out.stdout == ""
 
 
 def test_unit_lines() -> None:

@@ -1,10 +1,11 @@
 """Benchmark, not a test: the fetch script's throughput against curl's, same file, same endpoint.
 
-    python -m tests.bench.download [--mib 256] [--rounds 3]
+    python -m tests.bench.download [--mib 256] [--rounds 3] [--script OTHER_FETCH_SCRIPT]
 
 Serves a random file from the local Hub endpoint and downloads it alternately with `curl`
 and with files/llama_fetch_model.py (which also hashes and promotes it), each `--rounds`
 times; prints the median seconds and the ratio fetch/curl measured in this one run.
+--script compares another version of the script (`git show REV:files/llama_fetch_model.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--script", default=str(REPO / "files" / "llama_fetch_model.py"))
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "hub"
@@ -45,7 +47,7 @@ def main() -> int:
                 os.unlink(f"{tmp}/c{i}")
                 t0 = time.monotonic()
                 subprocess.run(
-                    [sys.executable, str(REPO / "files" / "llama_fetch_model.py"),
+                    [sys.executable, a.script,
                      "--repo", "bench/m", "--file", "big.gguf", "--revision", "main",
                      "--dest", f"{tmp}/f{i}/big.gguf", "--margin-mib", "0", "--every", "3600"],
                     env=env, check=True, stdout=subprocess.DEVNULL,

@@ -174,9 +174,9 @@ def promote_pushed(a: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repo", required=True)
-    ap.add_argument("--file", required=True)
-    ap.add_argument("--revision", required=True)
+    ap.add_argument("--repo")
+    ap.add_argument("--file")
+    ap.add_argument("--revision")
     ap.add_argument("--dest", required=True, help="final path of the model file")
     ap.add_argument("--sha256", default=None, help="expected sha256 (default: the Hub's)")
     ap.add_argument("--group", default=None, help="group that may read the file")
@@ -189,7 +189,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--start", action="store_true", help="check, then download in a unit")
     mode.add_argument("--wait", action="store_true", help="wait for that unit; verify")
-    return ap.parse_args(argv)
+    mode.add_argument("--check", action="store_true", help="is --dest the verified file?")
+    a = ap.parse_args(argv)
+    if not a.check and not (a.repo and a.file and a.revision):
+        ap.error("--repo, --file and --revision are required (except with --check)")
+    return a
 
 
 @dataclass
@@ -375,16 +379,43 @@ def start(a: argparse.Namespace, argv: list[str]) -> int:
 
 
 def verified(dest: str, pinned: str | None) -> bool:
-    """The sidecar written after verification still describes the file (a stat)."""
+    return unverified_because(dest, pinned) is None
+
+
+def unverified_because(dest: str, pinned: str | None) -> str | None:
+    """Why DEST is not the file verified at download (None: it is). A stat, not a hash: the
+    sidecar written after verification must still describe the file."""
+    try:
+        st = os.stat(dest)
+    except OSError as e:
+        return f"no model file ({e.strerror})"
     try:
         with open(dest + ".sha256") as f:
             digest, stamp = f.readline().strip(), f.readline().split()
-        st = os.stat(dest)
     except OSError:
-        return False
+        return "never verified (no .sha256 beside it)"
     if pinned and digest != pinned:
-        return False
-    return stamp == [f"size={st.st_size}", f"mtime={int(st.st_mtime)}"]
+        return f"verified as sha256 {digest}, the configuration pins {pinned}"
+    if stamp != [f"size={st.st_size}", f"mtime={int(st.st_mtime)}"]:
+        return (
+            f"changed since it was verified (then {' '.join(stamp)}, now size={st.st_size} "
+            f"mtime={int(st.st_mtime)})"
+        )
+    return None
+
+
+def check(a: argparse.Namespace) -> int:
+    """The service's ExecStartPre: never serve a file other than the verified one."""
+    why = unverified_because(a.dest, a.sha256)
+    if why is None:
+        print(f"{a.dest}: the verified model")
+        return 0
+    print(
+        f"{a.dest}: {why}; not serving it. Run the deploy again: it verifies the file and "
+        "fetches it again if it is wrong.",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def wait(a: argparse.Namespace, argv: list[str]) -> int:
@@ -450,6 +481,8 @@ def main() -> int:
         # The air-gapped route needs no huggingface_hub: the system python of a host with
         # no venv and no internet runs it.
         return promote_pushed(a)
+    if a.check:
+        return check(a)
     if a.start:
         return start(a, argv)
     if a.wait:

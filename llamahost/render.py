@@ -89,11 +89,15 @@ def health_url(cfg: HostConfig) -> str:
 
 
 def unit_context(
-    cfg: HostConfig, binary: str, health_script: str, cpu_count: int
+    cfg: HostConfig, binary: str, health_script: str, cpu_count: int, fetch_script: str
 ) -> dict[str, Any]:
     """The variables of templates/llama-server.service.j2."""
+    pinned = ["--sha256", cfg.model_sha256] if cfg.model_sha256 else []
     return {
         "cfg": cfg,
+        "model_check": exec_line(
+            "/usr/bin/python3", [fetch_script, "--check", "--dest", cfg.model_path, *pinned]
+        ),
         "exec_start": exec_line(binary, server_args(cfg, cpu_count)),
         "health_check": exec_line("/usr/bin/python3", [health_script, health_url(cfg)]),
     }

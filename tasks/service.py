@@ -1,7 +1,9 @@
 """The llama-server service: its user, key, unit, and a restart only when something changed."""
 
 from io import StringIO
+from typing import Any
 
+from pyinfra.api.facts import FactBase
 from pyinfra.api.operation import OperationMeta
 from pyinfra.context import host
 from pyinfra.facts.files import File
@@ -9,6 +11,7 @@ from pyinfra.operations import files, server, systemd
 
 from llamahost.config import HostConfig
 from llamahost.render import unit_context
+from tasks import model
 
 UNIT = "llama-server.service"
 HEALTH_SCRIPT = "/opt/llamahost/bin/llama-wait-healthy"
@@ -77,8 +80,23 @@ def unit(
         dest=f"/etc/systemd/system/{UNIT}",
         mode="0644",
         gpu_unit_lines=unit_lines,
-        **unit_context(cfg, binary, HEALTH_SCRIPT, cpu_count),
+        **unit_variables(cfg, binary, cpu_count),
     )
+
+
+class UnitActiveState(FactBase[str]):
+    """A unit's ActiveState: active, activating, failed, inactive..."""
+
+    def command(self, unit: str) -> str:
+        return f"systemctl show -p ActiveState --value {unit}"
+
+    def process(self, output: list[str]) -> str:
+        return "".join(output).strip()
+
+
+def unit_variables(cfg: HostConfig, binary: str, cpu_count: int) -> dict[str, Any]:
+    """The template's variables (the compliance suite renders the unit with them too)."""
+    return unit_context(cfg, binary, HEALTH_SCRIPT, cpu_count, model.FETCH_SCRIPT)
 
 
 def run(unit_op: OperationMeta, restart_when: list[OperationMeta]) -> None:
@@ -87,6 +105,15 @@ def run(unit_op: OperationMeta, restart_when: list[OperationMeta]) -> None:
     A fresh start already runs the new configuration, so it is not followed by a restart.
     """
     systemd.daemon_reload(name="Reload systemd units", _if=unit_op.did_change)
+    if host.get_fact(UnitActiveState, unit=UNIT) not in ("active", "reloading"):
+        # A unit that kept failing (a model refused, an OOM) hits its start limit, and
+        # systemd refuses to start it again until that is cleared: the deploy, which starts
+        # it next, is the deliberate "try again" the limit waits for. Also while it is
+        # still retrying: the limit may be hit between this plan and the start.
+        server.shell(
+            name=f"Clear {UNIT}'s failed state and start limit (it is not running)",
+            commands=[f"systemctl reset-failed {UNIT} 2>/dev/null || true"],
+        )
     started = systemd.service(
         name=f"Enable and start {UNIT}", service=UNIT, running=True, enabled=True
     )

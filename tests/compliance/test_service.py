@@ -8,9 +8,8 @@ from typing import Any
 from pyinfra.api.util import get_template
 
 from llamahost.gpu import unit_lines as gpu_unit_lines
-from llamahost.render import unit_context
 from tasks.llama_cpp import binary_path
-from tasks.service import HEALTH_SCRIPT, UNIT
+from tasks.service import UNIT, unit_variables
 from tests.compliance.live import Server, listening_inodes
 
 # A crash loop at RestartSec=10 passes this within a minute and StartLimitBurst=5 stops it
@@ -76,7 +75,7 @@ def test_unit_file_is_the_one_the_deploy_renders(server: Server, host: Any) -> N
     # profile's on every host the deploy accepts, except a CPU profile on a GPU host.
     template = "templates/llama-server.service.j2"
     cfg = server.cfg
-    ctx = unit_context(cfg, binary_path(cfg), HEALTH_SCRIPT, server.cpu_count)
+    ctx = unit_variables(cfg, binary_path(cfg), server.cpu_count)
     expected = get_template(template).render(
         gpu_unit_lines=gpu_unit_lines(cfg.profile.uses_gpu), **ctx
     )

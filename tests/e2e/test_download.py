@@ -199,3 +199,26 @@ def test_air_gapped_host_gets_the_model_pushed_from_the_controller(
     assert again.changed_operations() == []
     assert site.hub.hub.full_downloads.get(key) == 1
     assert site.deploy().rc == 0  # back to the inventory's model
+
+
+def test_a_model_changed_on_disk_is_refused_by_the_service_and_repaired_by_a_rerun(
+    site: Site, deployed: Run
+) -> None:
+    path = f"/var/lib/llama-models/{MODEL_REPO.replace('/', '--')}/main/{MODEL_FILE}"
+    assert f"-m {path}" in site.sh("grep ^ExecStart= /etc/systemd/system/llama-server.service")
+    good = site.sh(f"sha256sum {path}").split()[0]
+    site.sh(f"printf x | dd of={path} bs=1 seek=4096 conv=notrunc status=none")  # in place
+    refused = site.host.run("systemctl restart llama-server", check=False)
+    assert refused.returncode != 0
+    journal = site.sh("journalctl -u llama-server --no-pager -o cat -n 30")
+    assert f"{path}: changed since it was verified" in journal, journal
+    assert "not serving it" in journal
+    assert site.service("ActiveState")["ActiveState"] != "active"
+
+    run = site.deploy()
+    assert run.rc == 0, run.output[-4000:]
+    changed = run.changed_operations()
+    assert any(op.endswith(": wait for it and verify") for op in changed), changed
+    assert site.sh(f"sha256sum {path}").split()[0] == good
+    assert site.get("/health").status_code == 200
+    assert site.deploy().changed_operations() == []

@@ -20,7 +20,7 @@ def render(data: dict[str, Any], unit_lines: tuple[str, ...] = ()) -> dict[str, 
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)  # noqa: S701
     text = env.from_string(TEMPLATE.read_text()).render(
         gpu_unit_lines=unit_lines,
-        **unit_context(cfg, "/opt/llama.cpp/current/bin/llama-server", "/opt/wait", 16),
+        **unit_context(cfg, "/opt/llama.cpp/current/bin/llama-server", "/opt/wait", 16, "/opt/f"),
     )
     keys: dict[str, list[str]] = {}
     for line in text.splitlines():

@@ -85,13 +85,7 @@ def start(cfg: HostConfig) -> Download:
         return Download(cfg, None, push_from_controller(cfg))
     files.directory(name="Download log directory", path="/var/log/llamahost", mode="0750")
     argv = [
-        f"{cfg.hf_venv}/bin/python",
-        FETCH_SCRIPT,
-        "--repo", cfg.model_repo,
-        "--file", cfg.model_file,
-        "--revision", cfg.model_revision,
-        "--dest", cfg.model_path,
-        "--group", cfg.service_user,
+        *_fetch_command(cfg, f"{cfg.hf_venv}/bin/python"),
         "--margin-mib", str(cfg.model_disk_margin_mib),
         "--every", "30",
         "--log", DOWNLOAD_LOG,
@@ -131,6 +125,19 @@ def _launch(download: Download) -> None:
         commands=[shlex.join([*download.argv, "--start"])],
         _env=_env(download.cfg),
     )
+
+
+def _fetch_command(cfg: HostConfig, python: str) -> list[str]:
+    """The fetch script and the file it is about, before the route's own options."""
+    return [
+        python,
+        FETCH_SCRIPT,
+        "--repo", cfg.model_repo,
+        "--file", cfg.model_file,
+        "--revision", cfg.model_revision,
+        "--dest", cfg.model_path,
+        "--group", cfg.service_user,
+    ]  # fmt: skip
 
 
 def _title(cfg: HostConfig) -> str:
@@ -177,13 +184,7 @@ def push_from_controller(cfg: HostConfig) -> OperationMeta:
     )
     # The system python: a host without internet has no huggingface_hub venv.
     argv = [
-        "/usr/bin/python3",
-        FETCH_SCRIPT,
-        "--repo", cfg.model_repo,
-        "--file", cfg.model_file,
-        "--revision", cfg.model_revision,
-        "--dest", cfg.model_path,
-        "--group", cfg.service_user,
+        *_fetch_command(cfg, "/usr/bin/python3"),
         "--from-file", pushed,
         "--sha256", got.sha256,
         "--size", str(got.size),

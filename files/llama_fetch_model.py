@@ -356,7 +356,7 @@ def start(a: argparse.Namespace, argv: list[str]) -> int:
     subprocess.run(["systemctl", "reset-failed", unit], capture_output=True, check=False)
     env = [k for k in (*PASS_ENV, *PASS_ENV_PROXY) if k in os.environ]
     env += [k.upper() for k in PASS_ENV_PROXY if k.upper() in os.environ]
-    child = [a for a in argv if a not in ("--start", "--wait")]
+    child = [arg for arg in argv if arg not in ("--start", "--wait")]
     cmd = [
         "systemd-run",
         f"--unit={unit}",

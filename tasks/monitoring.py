@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Callable
 from io import StringIO
 from typing import Any
 
@@ -132,19 +133,7 @@ def _node_exporter(cfg: HostConfig, mon: m.MonitoringConfig) -> None:
         dest=f"{m.TEXTFILE_DIR}/llamahost.prom",
         mode="0644",
     )
-    started = systemd.service(
-        name=f"Enable and start {NODE_EXPORTER}",
-        service=NODE_EXPORTER,
-        running=True,
-        enabled=True,
-    )
-    systemd.service(
-        name=f"Restart {NODE_EXPORTER} (its settings changed)",
-        service=NODE_EXPORTER,
-        running=True,
-        restarted=True,
-        _if=lambda: settings.did_change() and not (pkg.did_change() or started.did_change()),
-    )
+    _start(NODE_EXPORTER, settings, pkg)
 
 
 def _gpu_exporter(gpu: m.GpuExporter, mon: m.MonitoringConfig) -> None:
@@ -219,26 +208,35 @@ def prometheus() -> None:
     pkg = _apt("Install Prometheus", ["prometheus"])
     _credentials(scrape)
     installed = _configuration(mon, scrape)
-    started = systemd.service(
-        name=f"Enable and start {PROMETHEUS}", service=PROMETHEUS, running=True, enabled=True
-    )
-
-    def restart() -> bool:
-        return settings.did_change() and not (pkg.did_change() or started.did_change())
-
-    systemd.service(
-        name=f"Restart {PROMETHEUS} (its settings changed)",
-        service=PROMETHEUS,
-        running=True,
-        restarted=True,
-        _if=restart,
-    )
+    started, restart = _start(PROMETHEUS, settings, pkg)
     systemd.service(
         name=f"Reload {PROMETHEUS} (its configuration changed)",
         service=PROMETHEUS,
         reloaded=True,
         _if=lambda: installed.did_change() and not (restart() or started.did_change()),
     )
+
+
+def _start(
+    unit: str, settings: OperationMeta, pkg: OperationMeta
+) -> tuple[OperationMeta, Callable[[], bool]]:
+    """Enabled and running; restarted when its settings changed, unless this run installed
+    or started it (it already reads them then). Returns the start and the restart's test."""
+    started = systemd.service(
+        name=f"Enable and start {unit}", service=unit, running=True, enabled=True
+    )
+
+    def restart() -> bool:
+        return settings.did_change() and not (pkg.did_change() or started.did_change())
+
+    systemd.service(
+        name=f"Restart {unit} (its settings changed)",
+        service=unit,
+        running=True,
+        restarted=True,
+        _if=restart,
+    )
+    return started, restart
 
 
 def _credentials(scrape: list[m.Target]) -> None:

@@ -5,11 +5,12 @@ Reads like the bring-up checklist; each step is one module in tasks/.
 
 from tasks import gpu, llama_cpp, model, monitoring, packages, preflight, service
 
-# 0. Inventory data valid and the profile's memory planned (else the run stops before any
-#    change on any host).
-cfg = preflight.host_config()
-gpu_conf = gpu.settings()
+# 0. Inventory data valid (every setting, one spec per host), the distribution supported
+#    and the profile's memory planned (else the run stops before any change on any host).
+spec = preflight.host_spec()
+dist = preflight.distribution()
 cpus = preflight.cpu_count()
+cfg = spec.cfg
 
 # 1. Service account, build dependencies.
 service.account(cfg)
@@ -20,11 +21,13 @@ packages.install()
 download = model.start(cfg)
 
 # 3. GPU stack: driver, persistence mode, CUDA toolkit; the CPU path when no GPU is found.
-stack = gpu.install(cfg, gpu_conf)
-preflight.profile_matches_hardware(cfg, stack.gpu, stack.memory_mib)
+stack = gpu.install(spec, dist)
+preflight.profile_matches_hardware(spec, stack.gpu, stack.memory_mib)
 
 # 4. llama.cpp built from the pinned commit (with CUDA for the GPU's architecture).
-binary = llama_cpp.build(cfg, jobs=preflight.build_jobs(cfg, cpus), gpu_cmake_args=stack.cmake_args)
+binary = llama_cpp.build(
+    cfg, jobs=preflight.build_jobs(spec, cpus), gpu_cmake_args=stack.cmake_args
+)
 
 # 5. The model downloaded and verified.
 fetched = model.finish(download)
@@ -32,11 +35,11 @@ fetched = model.finish(download)
 # 6. API key, unit for the host's profile, start; restart only on change. Not while a
 #    driver reboot is pending: the GPU cannot serve until then.
 key = service.api_key(cfg)
-unit = service.unit(cfg, llama_cpp.binary_path(cfg), cpus, gpu.unit_lines(stack))
+unit = service.unit(spec, cpus)
 if not stack.gpu or stack.ready:
     service.run(unit, [binary, key, *([fetched] if fetched else [])])
 
 # 7. Monitoring, when the inventory has a `monitoring` group: the exporters here, and on
 #    the group's hosts Prometheus scraping every llama-server of the inventory.
-monitoring.exporters(cfg)
-monitoring.prometheus()
+monitoring.exporters(spec)
+monitoring.prometheus(spec)

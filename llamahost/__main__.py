@@ -11,70 +11,53 @@ connects to nothing), so groups and data merge exactly as in a deploy.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import os
-import subprocess
 import sys
-from typing import Any
 
+from llamahost import inventory as inv
 from llamahost import lock as locks
-from llamahost.config import ConfigError, HostConfig, resolve
 from llamahost.plan import plan_for, render
+from llamahost.spec import HostSpec, inventory_specs, lock_file
 
 
-def inventory_hosts(inventory: str) -> list[tuple[str, dict[str, Any]]]:
-    out = subprocess.run(
-        [sys.executable, "-m", "pyinfra", inventory, "debug-inventory", "--json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"cannot read {inventory}:\n{out.stderr[-2000:]}")
-    return [(h["name"], h["data"]) for h in json.loads(out.stdout)]
-
-
-def configs(inventory: str) -> tuple[list[HostConfig], list[str]]:
-    cfgs, errors = [], []
-    for name, data in inventory_hosts(inventory):
-        try:
-            cfgs.append(resolve(name, data))
-        except ConfigError as e:
-            errors.append(str(e))
-    return cfgs, errors
+def specs(inventory: str, use_lock: bool = True) -> tuple[list[HostSpec], list[str]]:
+    try:
+        hosts = inv.hosts(inventory)
+    except inv.InventoryError as e:
+        raise SystemExit(f"cannot read {inventory}: {e}") from None
+    found, errors = inventory_specs(hosts, use_lock=use_lock)
+    return found, [str(e) for e in errors]
 
 
 def cmd_plan(inventory: str, use_lock: bool = True) -> int:
-    cfgs, errors = configs(inventory)
-    if not use_lock:
-        cfgs = [dataclasses.replace(c, model_lock=None) for c in cfgs]
-    for e in errors:
-        print(e)
+    found, errors = specs(inventory, use_lock)
     ok = not errors
-    for cfg in cfgs:
-        hp = plan_for(cfg)
+    for spec in found:
+        hp = plan_for(spec)
         print(render(hp))
         print()
         ok = ok and hp.fits
-    print("plan: all hosts fit" if ok else "plan: some hosts do not fit or are invalid")
+    # Refusals last, apart from the plans, where the eye lands.
+    for e in errors:
+        print(f"REFUSED {e}\n")
+    print("plan: all hosts fit" if ok else "plan: REFUSED: some hosts do not fit or are invalid")
     return 0 if ok else 1
 
 
 def cmd_lock(inventory: str) -> int:
-    cfgs, errors = configs(inventory)
+    found, errors = specs(inventory, use_lock=False)
     if errors:
-        print("\n".join(errors))
+        print("\n".join(f"REFUSED {e}" for e in errors))
         return 1
-    token = os.environ.get("HF_TOKEN")
-    by_path: dict[str, list[HostConfig]] = {}
-    for cfg in cfgs:
-        by_path.setdefault(cfg.model_lock or str(locks.lock_path(inventory)), []).append(cfg)
+    by_path: dict[str, list[HostSpec]] = {}
+    for spec in found:
+        lock = spec.cfg.model_lock
+        path = str(lock_file(lock) if lock else locks.lock_path(inventory))
+        by_path.setdefault(path, []).append(spec)
     for path, group in by_path.items():
         models = locks.load(path)
-        for cfg in group:
-            k = locks.key(cfg)
-            entry = locks.resolve(cfg, token)
+        for spec in group:
+            k = locks.key(spec.cfg)
+            entry = locks.resolve(spec.cfg)
             if models.get(k) != entry:
                 print(
                     f"{k} -> {entry['file']} @ {entry['commit']} ({entry['size']} bytes, "

@@ -1,23 +1,37 @@
-"""Inventory data → one validated, typed configuration per host.
+"""The core settings: profile, model, llama.cpp build and service.
 
 Every knob is a row of ``SETTINGS`` (its inventory key, default and what is allowed) and a
-row of the README's variables table; a test keeps the two in step. Validation is strict on
-purpose: a value that would end up in a unit file or a shell command must be one line of
-a known shape, so inventory data can never add lines to the unit or words to a command.
+row of the README's variables table; a test keeps the two in step. The GPU stack's and
+monitoring's rows live with those concerns; ``llamahost.spec.resolve_host`` validates them
+all together.
 """
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from llamahost.checks import (
+    PREFIX,
+    PROFILE,
+    FieldError,
+    Invalid,
+    Setting,
+    abs_path,
+    boolean,
+    choice,
+    cmake_args,
+    either,
+    http_url,
+    integer,
+    listen_address,
+    optional,
+    pattern,
+    sha256_hex,
+)
 from llamahost.profiles import DEFAULT_PROFILE, PROFILES
 
-PREFIX = "llama_"
 PINNED_LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 PINNED_HF_HUB_VERSION = "2.4.0"
 
@@ -25,126 +39,7 @@ PINNED_HF_HUB_VERSION = "2.4.0"
 KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 
-class Invalid(ValueError):
-    """A value is not allowed; the message says what is."""
-
-
-@dataclass(frozen=True)
-class FieldError:
-    key: str
-    value: Any
-    allowed: str
-
-    def __str__(self) -> str:
-        return f"{self.key} = {self.value!r}: {self.allowed}"
-
-
-class ConfigError(Exception):
-    def __init__(self, host: str, errors: list[FieldError]):
-        self.host = host
-        self.errors = errors
-        lines = "\n".join(f"  {e}" for e in errors)
-        super().__init__(f"host {host!r}: invalid inventory data (nothing was changed):\n{lines}")
-
-
-# ---------------------------------------------------------------- value checks
-Check = Callable[[Any], Any]
-
-
-def integer(lo: int, hi: int) -> Check:
-    def check(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise Invalid(f"must be an integer from {lo} to {hi}")
-        return v
-
-    return check
-
-
-def boolean(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise Invalid("must be true or false")
-    return v
-
-
-def choice(*options: str) -> Check:
-    def check(v: Any) -> str:
-        if v not in options:
-            raise Invalid("must be one of: " + ", ".join(options))
-        return str(v)
-
-    return check
-
-
-def pattern(regex: str, what: str) -> Check:
-    compiled = re.compile(regex)
-
-    def check(v: Any) -> str:
-        # fullmatch and no "$": a trailing newline must not slip through.
-        if not isinstance(v, str) or not compiled.fullmatch(v):
-            raise Invalid(f"must be {what}")
-        return v
-
-    return check
-
-
-def optional(inner: Check) -> Check:
-    def check(v: Any) -> Any:
-        return None if v is None else inner(v)
-
-    return check
-
-
-def either(first: Check, second: Check, what: str) -> Check:
-    def check(v: Any) -> Any:
-        for c in (first, second):
-            try:
-                return c(v)
-            except Invalid:
-                pass
-        raise Invalid(f"must be {what}")
-
-    return check
-
-
-def listen_address(v: Any) -> str:
-    if isinstance(v, str):
-        try:
-            ipaddress.ip_address(v)
-            return v
-        except ValueError:
-            pass
-    raise Invalid("must be an IPv4 or IPv6 address, e.g. 0.0.0.0 (all) or 127.0.0.1")
-
-
-abs_path = pattern(
-    r"/(?!.*(?:^|/)\.\.(?:/|$))[A-Za-z0-9._+@/-]*",
-    "an absolute path of letters, digits and ._+@/- (no '..')",
-)
-http_url = pattern(r"https?://[A-Za-z0-9._~:/?#\[\]@!&'()*+,;=%{}-]+", "an http(s) URL")
-sha256_hex = pattern(r"[0-9a-f]{64}", "a sha256 in 64 lower-case hex digits")
-cmake_define = pattern(r"-D[A-Za-z0-9_]+(?::[A-Z]+)?=[A-Za-z0-9._;,+/-]*", "-DNAME=VALUE")
-
-
-def cmake_args(v: Any) -> tuple[str, ...]:
-    if not isinstance(v, (list, tuple)):
-        raise Invalid("must be a list of -DNAME=VALUE strings")
-    try:
-        return tuple(cmake_define(a) for a in v)
-    except Invalid:
-        raise Invalid("must be a list of -DNAME=VALUE strings") from None
-
-
 # ---------------------------------------------------------------- the settings
-@dataclass(frozen=True)
-class Setting:
-    key: str  # without the llama_ prefix
-    default: Any  # PROFILE: taken from the host's profile
-    check: Check
-    doc: str
-
-
-PROFILE = object()  # marker: the default comes from the chosen profile
-
 SETTINGS: tuple[Setting, ...] = (
     Setting("profile", DEFAULT_PROFILE, choice(*PROFILES), "Tuning profile (see Profiles)."),
     # Profile fields: each defaults to the profile's value.
@@ -398,7 +293,7 @@ class HostConfig:
         return f"{self.model_dir}/{owner}--{name}/{self.model_revision}/{self.model_file}"
 
 
-def _cross_checks(p: dict[str, Any], c: dict[str, Any]) -> list[FieldError]:
+def cross_checks(p: dict[str, Any], c: dict[str, Any]) -> list[FieldError]:
     errs = []
     if p["micro_batch"] > p["batch"]:
         errs.append(
@@ -443,29 +338,11 @@ def _cross_checks(p: dict[str, Any], c: dict[str, Any]) -> list[FieldError]:
     return errs
 
 
-def check_rows(
-    rows: tuple[Setting, ...], data: Mapping[str, Any], errors: list[FieldError]
-) -> dict[str, Any]:
-    """Each row's value from data (or its default), checked; failures go to errors."""
-    values: dict[str, Any] = {}
-    for s in rows:
-        value = data.get(PREFIX + s.key, s.default)
-        try:
-            values[s.key] = s.check(value)
-        except Invalid as e:
-            errors.append(FieldError(PREFIX + s.key, value, str(e)))
-    return values
-
-
-def resolve(host_name: str, data: Mapping[str, Any]) -> HostConfig:
-    """Validate a host's inventory data; raise ConfigError listing every bad field."""
-    errors: list[FieldError] = []
-    known = setting_keys()
-    for key in data:
-        if key.startswith(PREFIX) and key not in known:
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {near[0]}?" if near else ""
-            errors.append(FieldError(key, data[key], "is not a known setting" + hint))
+def core_values(
+    data: Mapping[str, Any], errors: list[FieldError]
+) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
+    """The profile name, the profile's fields and the other core values, each from data or
+    its default (profile fields default to the chosen profile's); failures go to errors."""
 
     def get(setting: Setting, default: Any) -> Any:
         value = data.get(PREFIX + setting.key, default)
@@ -486,20 +363,7 @@ def resolve(host_name: str, data: Mapping[str, Any]) -> HostConfig:
         for s in SETTINGS
         if s.default is not PROFILE and s.key != "profile"
     }
-    if not errors:
-        errors.extend(_cross_checks(prof, other))
-    if errors:
-        raise ConfigError(host_name, errors)
-    return HostConfig(host_name=host_name, profile=Profile(name=profile_name, **prof), **other)
-
-
-def setting_keys() -> list[str]:
-    """Every inventory key: these, then the GPU stack's (llamahost.gpu validates those)."""
-    # Imported here: llamahost.gpu builds its rows from this module's checks.
-    from llamahost.gpu import GPU_KEYS
-    from llamahost.monitoring import MONITORING_KEYS
-
-    return [PREFIX + s.key for s in SETTINGS] + list(GPU_KEYS) + list(MONITORING_KEYS)
+    return profile_name, prof, other
 
 
 assert {f.name for f in fields(Profile)} == {"name", *PROFILE_KEYS}

@@ -1,8 +1,8 @@
 """The air-gapped route: the controller downloads the model once and pyinfra pushes it.
 
-Runs on the machine that runs pyinfra, with huggingface_hub and its cache: HF_HOME,
-HF_ENDPOINT and HF_TOKEN come from the controller's own environment (llama_hf_endpoint is
-where hosts would fetch from, which here they cannot), llama_hf_token when set. A second
+Runs on the machine that runs pyinfra, with huggingface_hub and its cache (HF_HOME), under
+llamahost.hub's rule: the controller's own HF_ENDPOINT (llama_hf_endpoint is where hosts
+would fetch from, which here they cannot), llama_hf_token else the controller's HF_TOKEN. A second
 host, or a second run, takes the file from that cache. The sha256 is
 checked here, before anything is pushed, and again on the host before it is promoted.
 """
@@ -13,6 +13,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+from llamahost import hub
 from llamahost.config import HostConfig
 
 
@@ -39,15 +40,15 @@ def sha256_of(path: str) -> str:
 
 
 def fetch(cfg: HostConfig) -> Fetched:
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.hf_api import RepoFile
 
     key = f"{cfg.model_repo}/{cfg.model_file}@{cfg.model_revision}"
     if key in _DONE:
         return _DONE[key]
-    token = cfg.hf_token or os.environ.get("HF_TOKEN")
-    api = HfApi(token=token)
-    infos = api.get_paths_info(cfg.model_repo, [cfg.model_file], revision=cfg.model_revision)
+    infos = hub.api(cfg).get_paths_info(
+        cfg.model_repo, [cfg.model_file], revision=cfg.model_revision
+    )
     meta = infos[0] if infos else None
     if not isinstance(meta, RepoFile):
         raise ControllerFetchError(f"{key}: no such file on the Hub")
@@ -56,7 +57,8 @@ def fetch(cfg: HostConfig) -> Fetched:
         cfg.model_repo,
         cfg.model_file,
         revision=cfg.model_revision,
-        token=token,
+        token=hub.token(cfg),
+        endpoint=hub.endpoint(cfg),
     )
     digest = sha256_of(path)
     if expected and digest != expected:

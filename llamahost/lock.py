@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from llamahost import hub
 from llamahost.config import HostConfig
 from llamahost.memory import ModelShape
 
@@ -60,12 +61,8 @@ def entry_for(cfg: HostConfig, models: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def apply(cfg: HostConfig, entry: dict[str, Any]) -> HostConfig:
-    """The host's configuration pinned to the locked file, commit and sha256."""
-    if cfg.model_sha256 and cfg.model_sha256 != entry["sha256"]:
-        raise LockError(
-            f"host {cfg.host_name!r}: llama_model_sha256 {cfg.model_sha256} differs from the "
-            f"lock's {entry['sha256']} for {key(cfg)}"
-        )
+    """The host's configuration pinned to the locked file, commit and sha256 (a
+    conflicting llama_model_sha256 is refused by llamahost.spec before this)."""
     return dataclasses.replace(
         cfg,
         model_file=entry["file"],
@@ -98,14 +95,13 @@ def pick_file(files: list[str], wanted: str) -> str:
     raise LockError(f"no GGUF for tag {wanted}; files: {', '.join(sorted(ggufs)) or 'none'}")
 
 
-def resolve(cfg: HostConfig, token: str | None = None) -> dict[str, Any]:
-    """Ask the Hub (or cfg.hf_endpoint) what cfg's model is, exactly."""
-    from huggingface_hub import HfApi, hf_hub_url
+def resolve(cfg: HostConfig) -> dict[str, Any]:
+    """Ask the Hub what cfg's model is, exactly (llamahost.hub's token and endpoint)."""
     from huggingface_hub.hf_api import RepoFile
 
     from llamahost.gguf_header import read_url
 
-    api = HfApi(endpoint=cfg.hf_endpoint, token=token)
+    api = hub.api(cfg)
     info = api.model_info(cfg.model_repo, revision=cfg.model_revision)
     files = [s.rfilename for s in info.siblings or []]
     name = pick_file(files, cfg.model_file)
@@ -115,9 +111,9 @@ def resolve(cfg: HostConfig, token: str | None = None) -> dict[str, Any]:
     (meta,) = api.get_paths_info(cfg.model_repo, [name], revision=commit)
     if not isinstance(meta, RepoFile) or meta.lfs is None:
         raise LockError(f"{name}: not an LFS file, no sha256 to pin")
-    url = hf_hub_url(cfg.model_repo, name, revision=commit, endpoint=cfg.hf_endpoint)
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    shape = ModelShape.from_header(read_url(url, headers=headers))
+    shape = ModelShape.from_header(
+        read_url(hub.file_url(cfg, name, commit), headers=hub.auth_headers(cfg))
+    )
     return {
         "repo": cfg.model_repo,
         "file": name,

@@ -9,11 +9,10 @@ the GPU's memory, and, when it does not fit, the guide's OOM ladder (lower -ub, 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
 
+from llamahost import hub
 from llamahost import lock as locks
 from llamahost.config import HostConfig, Profile
 from llamahost.memory import (
@@ -25,6 +24,7 @@ from llamahost.memory import (
     estimate,
 )
 from llamahost.render import server_args
+from llamahost.spec import HostSpec
 
 
 @dataclass
@@ -80,7 +80,7 @@ def check_context(cfg: HostConfig, m: ModelShape) -> list[str]:
 
 
 # Quantised K/V pairs that CUDA's flash-attention kernels cover in a default build
-# (FACTS.md: only matching types); other pairs fall back or fail on the GPU.
+# (docs/facts.md: only matching types); other pairs fall back or fail on the GPU.
 CUDA_FA_PAIRS = {("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("bf16", "bf16")}
 
 
@@ -148,24 +148,17 @@ def ladder(cfg: HostConfig, m: ModelShape) -> list[str]:
 
 
 def plan_host(
-    cfg: HostConfig,
-    lock_models: dict[str, Any] | None,
-    shape: ModelShape | None,
-    shape_source: str = "model header",
+    spec: HostSpec, shape: ModelShape | None, shape_source: str = "model header"
 ) -> HostPlan:
-    lock_state = "not configured"
-    if cfg.model_lock is not None:
-        entry = locks.entry_for(cfg, lock_models or {})
-        if entry is None:
-            lock_state = "missing: run `make lock`"
-        else:
-            lock_state = "locked"
-            cfg = locks.apply(cfg, entry)
-            shape, shape_source = ModelShape.from_dict(entry["shape"]), "lock"
-    hp = HostPlan(cfg, shape, None, True, lock_state, shape_source)
+    """The plan of a host from its spec (the lock already applied) and the model's shape;
+    a locked host's shape is the lock's."""
+    cfg = spec.cfg
+    if spec.lock.entry is not None:
+        shape, shape_source = ModelShape.from_dict(spec.lock.entry["shape"]), "lock"
+    hp = HostPlan(cfg, shape, None, True, spec.lock.label, shape_source)
     hp.problems += check_kv_pair(cfg.profile)
-    if cfg.model_lock is not None and lock_state != "locked":
-        hp.problems.append(f"no lock entry for {locks.key(cfg)} in {cfg.model_lock}")
+    if spec.lock.path is not None and spec.lock.entry is None:
+        hp.problems.append(f"no lock entry for {locks.key(cfg)} in {spec.lock.path}")
     if shape is None:
         if cfg.profile.uses_gpu:
             hp.problems.append("no model metadata to plan GPU memory: run `make lock`")
@@ -188,24 +181,22 @@ def model_shape(cfg: HostConfig) -> tuple[ModelShape | None, str]:
     if k not in _LIVE:
         _LIVE[k] = None
         if cfg.model_file.endswith(".gguf"):
-            from huggingface_hub import hf_hub_url
-
             from llamahost.gguf_header import read_url
 
-            url = hf_hub_url(
-                cfg.model_repo,
-                cfg.model_file,
-                revision=cfg.model_revision,
-                # The controller reads through its own endpoint when it is the one that
-                # downloads (hosts without internet), else through the hosts' mirror.
-                endpoint=None if cfg.model_source == "controller" else cfg.hf_endpoint,
-            )
-            token = cfg.hf_token or os.environ.get("HF_TOKEN")
-            headers = {"Authorization": f"Bearer {token}"} if token else None
+            url = hub.file_url(cfg, cfg.model_file, cfg.model_revision)
             try:
-                _LIVE[k] = ModelShape.from_header(read_url(url, headers=headers, timeout=20))
+                _LIVE[k] = ModelShape.from_header(
+                    read_url(url, headers=hub.auth_headers(cfg), timeout=20)
+                )
             except Exception as e:
-                print(f"note: cannot read the model header from {url}: {e}", file=sys.stderr)
+                # One plain line: the plan goes on with the reference card, if any.
+                reason = type(e).__name__
+                status = getattr(getattr(e, "response", None), "status_code", None)
+                print(
+                    f"note: {cfg.host_name}: the model header at {url} could not be read "
+                    f"({reason}{f' {status}' if status else ''}); planning without it",
+                    file=sys.stderr,
+                )
     if _LIVE[k] is not None:
         return _LIVE[k], "model header (Hub)"
     ref = REFERENCE_SHAPES.get(cfg.model_repo)
@@ -214,13 +205,12 @@ def model_shape(cfg: HostConfig) -> tuple[ModelShape | None, str]:
     return None, "none"
 
 
-def plan_for(cfg: HostConfig) -> HostPlan:
-    """The plan of one host: its lock if it has one, else the model's header (or card)."""
-    models = locks.load(cfg.model_lock) if cfg.model_lock else None
-    shape, source = None, "lock"
-    if not (models and locks.entry_for(cfg, models)):
-        shape, source = model_shape(cfg)
-    return plan_host(cfg, models, shape, source)
+def plan_for(spec: HostSpec) -> HostPlan:
+    """The plan of one host: its lock if it has an entry, else the model's header (or card)."""
+    if spec.lock.entry is not None:
+        return plan_host(spec, None, "lock")
+    shape, source = model_shape(spec.cfg)
+    return plan_host(spec, shape, source)
 
 
 def command_line(cfg: HostConfig) -> str:

@@ -1,7 +1,7 @@
 """Tuning profiles: the guide's three, plus a CPU demo profile. Data only.
 
 Every key is a ``Profile`` field; an inventory overrides one with ``llama_<field>``.
-Values are the guide's (section 2 of ``shared/seed``), with the corrections that the
+Values are the guide's (section 2; docs/facts.md restates it), with the corrections that the
 pinned llama.cpp needs documented in README.md ("Profiles"):
 
 * ``chat_template = "embedded"``: the guide's ``--chat-template seed_oss`` is read as a

@@ -1,12 +1,24 @@
-"""Rendering: the llama-server command line, systemd quoting, the build identity."""
+"""Rendering: every file the deploy writes from a template, the llama-server command line,
+systemd quoting, the build identity.
+
+One Jinja environment renders every template under templates/ (the llama-server unit, the
+GPU exporter unit, prometheus.yml, /etc/default arguments); the tasks upload the text it
+returns, and the unit tests and compliance checks call the same functions.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import re
 from typing import Any
 
+import jinja2
+
+from llamahost import layout
 from llamahost.config import HostConfig, Profile
+from llamahost.spec import HostSpec
 
 # The targets the service needs; nothing else is compiled.
 BUILD_TARGETS = ("llama-server",)
@@ -23,6 +35,11 @@ BASE_CMAKE_ARGS = (
     # No -march=native: the binary must not depend on the CPU of the build's moment.
     "-DGGML_NATIVE=OFF",
 )
+
+
+# How the host counts its online CPUs (`--threads auto`, the build's jobs): pyinfra's own
+# Cpus fact runs the same.
+ONLINE_CPUS = "getconf NPROCESSORS_ONLN 2> /dev/null || getconf _NPROCESSORS_ONLN"
 
 
 def threads(profile: Profile, cpu_count: int) -> int:
@@ -88,19 +105,75 @@ def health_url(cfg: HostConfig) -> str:
     return f"http://{h}:{cfg.profile.port}/health"
 
 
-def unit_context(
-    cfg: HostConfig, binary: str, health_script: str, cpu_count: int, fetch_script: str
-) -> dict[str, Any]:
-    """The variables of templates/llama-server.service.j2."""
+# ---------------------------------------------------------------- templates
+@functools.cache
+def environment() -> jinja2.Environment:
+    """The one template environment: strict (an unknown variable is an error), blocks
+    trimmed, trailing newline kept. Unit and YAML files, not HTML: no autoescape."""
+    env = jinja2.Environment(  # noqa: S701
+        loader=jinja2.FileSystemLoader(str(layout.TEMPLATES_DIR)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    # JSON strings are YAML strings: any value is quoted safely.
+    env.filters["q"] = json.dumps
+    return env
+
+
+def template(name: str, **variables: Any) -> str:
+    """templates/<name> rendered with variables."""
+    return environment().get_template(name).render(**variables)
+
+
+def gpu_ordering(uses_gpu: bool) -> tuple[str, ...]:
+    """The [Unit] lines of a GPU profile's llama-server.
+
+    The server starts after the persistence daemon, which holds the GPUs initialised and,
+    through the drop-in, has made every device node the sandboxed server needs
+    (``/dev/nvidiactl``, ``/dev/nvidia<N>``, ``/dev/nvidia-uvm``). ``Wants=`` starts the
+    daemon at boot even where its unit is not enabled. Decided by the profile (the spec),
+    not by the hardware found, so the deploy and the compliance checks agree.
+    """
+    if not uses_gpu:
+        return ()
+    return (f"After={layout.PERSISTENCED_UNIT}", f"Wants={layout.PERSISTENCED_UNIT}")
+
+
+def server_command(cfg: HostConfig, cpu_count: int) -> list[str]:
+    """The unit's whole command: the `current` binary and its arguments."""
+    return [layout.server_binary(cfg.cpp_prefix), *server_args(cfg, cpu_count)]
+
+
+def unit(spec: HostSpec, cpu_count: int) -> str:
+    """/etc/systemd/system/llama-server.service for a host."""
+    cfg = spec.cfg
     pinned = ["--sha256", cfg.model_sha256] if cfg.model_sha256 else []
-    return {
-        "cfg": cfg,
-        "model_check": exec_line(
-            "/usr/bin/python3", [fetch_script, "--check", "--dest", cfg.model_path, *pinned]
+    return template(
+        "llama-server.service.j2",
+        cfg=cfg,
+        gpu_unit_lines=gpu_ordering(spec.uses_gpu),
+        model_check=exec_line(
+            "/usr/bin/python3",
+            [layout.FETCH_SCRIPT, "--check", "--dest", cfg.model_path, *pinned],
         ),
-        "exec_start": exec_line(binary, server_args(cfg, cpu_count)),
-        "health_check": exec_line("/usr/bin/python3", [health_script, health_url(cfg)]),
-    }
+        exec_start=exec_line(layout.server_binary(cfg.cpp_prefix), server_args(cfg, cpu_count)),
+        health_check=exec_line("/usr/bin/python3", [layout.HEALTH_SCRIPT, health_url(cfg)]),
+    )
+
+
+def gpu_exporter_unit(version: str, binary: str, args: list[str]) -> str:
+    return template(
+        "monitoring/nvidia-gpu-exporter.service.j2",
+        version=version,
+        exec_start=exec_line(binary, args),
+    )
+
+
+def default_args(args: str) -> str:
+    """An /etc/default file of Debian's prometheus packages: ARGS="..."."""
+    return template("monitoring/default-args.j2", args=args)
 
 
 def cmake_args(cfg: HostConfig, extra: tuple[str, ...] = ()) -> list[str]:

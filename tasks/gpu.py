@@ -24,7 +24,6 @@ from typing import Any
 
 from pyinfra import logger
 from pyinfra.api.exceptions import PyinfraError
-from pyinfra.api.facts import FactBase
 from pyinfra.api.host import Host
 from pyinfra.api.operation import OperationMeta
 from pyinfra.api.state import State
@@ -36,94 +35,31 @@ from pyinfra.facts.server import KernelVersion
 from pyinfra.operations import apt, files, python, server, systemd
 from pyinfra.operations.util import any_changed
 
-from llamahost import gpu
-from llamahost.config import ConfigError, HostConfig
+from llamahost import gpu, layout
+from llamahost.checks import ConfigError
+from llamahost.distro import Distribution, Unsupported, cuda_repo_arch
 from llamahost.gpu import Reboot
+from llamahost.spec import HostSpec
+from tasks import facts
+from tasks.facts import (
+    DriverPackageStates,
+    LoadedKernelModules,
+    MachineId,
+    NvidiaDeviceNodes,
+    NvidiaModuleVersion,
+    NvidiaPci,
+    NvidiaSmi,
+)
+from tasks.preflight import refuse
 
-# Downloads that must survive a reboot (/tmp does not), so a rerun finds them.
-CACHE_DIR = "/var/cache/llamahost"
 REBOOT_TIMEOUT = 900  # seconds: an 8-GPU host with much memory boots slowly
-
-
-# ---------------------------------------------------------------- facts
-class _Lines(FactBase[list[str]]):
-    """Raw output lines, parsed by llamahost.gpu (so unit tests cover the parsing)."""
-
-    abstract = True
-
-    @staticmethod
-    def default() -> list[str]:
-        return []
-
-    def process(self, output: list[str]) -> list[str]:
-        return list(output)
-
-
-class OsRelease(_Lines):
-    def command(self) -> str:
-        return "cat /etc/os-release 2>/dev/null || cat /usr/lib/os-release"
-
-
-class NvidiaPci(_Lines):
-    """NVIDIA PCI devices. Without pciutils (minimal images) the same ``lspci -n`` shape is
-    printed from sysfs, so a GPU is never missed for want of a package."""
-
-    def command(self) -> str:
-        return (
-            "if command -v lspci >/dev/null 2>&1; then lspci -nn -d 10de:; else "
-            "for d in /sys/bus/pci/devices/*; do "
-            '[ "$(cat "$d/vendor" 2>/dev/null)" = 0x10de ] && '
-            'echo "${d##*/} $(cut -c3-6 "$d/class"): 10de:$(cut -c3-6 "$d/device")"; '
-            "done; true; fi"
-        )
-
-
-class NvidiaSmi(_Lines):
-    """The query's CSV, or nvidia-smi's error (a version mismatch, no driver loaded)."""
-
-    def requires_command(self) -> str:
-        return "nvidia-smi"
-
-    def command(self) -> str:
-        return f"{gpu.SMI_QUERY} 2>&1 || true"
-
-
-class LoadedKernelModules(_Lines):
-    def command(self) -> str:
-        return "cat /proc/modules 2>/dev/null || true"
-
-
-class NvidiaModuleVersion(_Lines):
-    def command(self) -> str:
-        return "cat /proc/driver/nvidia/version 2>/dev/null || true"
-
-
-class NvidiaDeviceNodes(_Lines):
-    def command(self) -> str:
-        return "ls -1d /dev/nvidia* 2>/dev/null || true"
-
-
-HOLD_QUERY = "dpkg-query -W -f='${db:Status-Abbrev} ${Package}\\n'"
-
-
-class DriverPackageStates(_Lines):
-    """Installed driver packages and whether each is held (``hi``) or not (``ii``)."""
-
-    def command(self) -> str:
-        patterns = " ".join(f"'{p}'" for p in gpu.HOLD_PATTERNS)
-        return f"{HOLD_QUERY} {patterns} 2>/dev/null || true"
-
-
-class MachineId(_Lines):
-    def command(self) -> str:
-        return "cat /etc/machine-id 2>/dev/null || true"
 
 
 # Shell because apt-mark has no pyinfra operation, and the dependencies to hold are only
 # known once the driver is installed. Planned only when something is unheld (a rerun of a
 # held host runs nothing).
 HOLD_COMMAND = (
-    HOLD_QUERY
+    facts.HOLD_QUERY
     + " "
     + " ".join(f"'{p}'" for p in gpu.HOLD_PATTERNS)
     + " 2>/dev/null | awk '$1 == \"ii\" {print $2}' | xargs -r apt-mark hold"
@@ -140,27 +76,13 @@ class GpuResult:
     memory_mib: tuple[int, ...] = ()  # each GPU's memory.total, where a driver answers now
 
 
-def settings() -> gpu.GpuSettings:
-    """This host's GPU settings; a bad value stops the run before any change."""
-    try:
-        return gpu.resolve_gpu(host.name, host.data.dict())
-    except ConfigError as e:
-        raise PyinfraError(str(e)) from None
-
-
-def unit_lines(result: GpuResult) -> tuple[str, ...]:
-    """The [Unit] lines llama-server's unit needs: after nvidia-persistenced (GPU path)."""
-    return gpu.unit_lines(result.gpu)
-
-
 def install(
-    cfg: HostConfig, conf: gpu.GpuSettings, controller_machine_id: str | None = None
+    spec: HostSpec, dist: Distribution, controller_machine_id: str | None = None
 ) -> GpuResult:
     """Plan the GPU stack for this host; on the CPU path plan nothing and say why."""
     name = host.name
+    conf = spec.gpu
     try:
-        os_release: list[str] = host.get_fact(OsRelease)
-        dist = gpu.distribution(name, gpu.parse_os_release("\n".join(os_release)))
         found = gpu.probe(
             host.get_fact(NvidiaPci),
             host.get_fact(NvidiaSmi),
@@ -168,17 +90,17 @@ def install(
             host.get_fact(NvidiaModuleVersion),
         )
         if not gpu.gpu_path(name, conf, found):
-            _say_cpu_path(cfg, conf)
+            _say_cpu_path(spec)
             return GpuResult(gpu=False, cmake_args=(), reboot=None, ready=False)
-        repo_arch = gpu.cuda_repo_arch(name, host.get_fact(DebArch) or "")
+        repo_arch = cuda_repo_arch(name, host.get_fact(DebArch) or "")
         archs = gpu.architectures(name, conf, found)
         installed = host.get_fact(DebPackages)
         plan = gpu.driver_plan(name, dist, conf, host.get_fact(KernelVersion) or "", installed)
         decision = gpu.reboot_decision(
             found, plan, installed, conf, _target_is_controller(controller_machine_id)
         )
-    except (gpu.GpuError, ConfigError) as e:
-        raise PyinfraError(str(e)) from None
+    except (gpu.GpuError, Unsupported, ConfigError) as e:
+        raise refuse(str(e)) from None
 
     logger.info(
         f"{host.print_prefix}GPU path: {len(found.pci)} NVIDIA GPU(s); driver {plan.branch} "
@@ -203,7 +125,7 @@ def install(
 
 
 # ---------------------------------------------------------------- the steps
-def repository(dist: gpu.Distribution, repo_arch: str, plan: gpu.DriverPlan) -> None:
+def repository(dist: Distribution, repo_arch: str, plan: gpu.DriverPlan) -> None:
     """NVIDIA's CUDA repository through its keyring package; the apt pin on Canonical."""
     changed: list[OperationMeta] = []
     if dist.ubuntu:
@@ -213,7 +135,7 @@ def repository(dist: gpu.Distribution, repo_arch: str, plan: gpu.DriverPlan) -> 
                 files.put(
                     name="Keep the driver on Canonical's packages (apt pin)",
                     src=pin_src,
-                    dest=gpu.CANONICAL_DRIVER_PIN,
+                    dest=layout.CANONICAL_DRIVER_PIN,
                     mode="0644",
                 )
             )
@@ -221,12 +143,12 @@ def repository(dist: gpu.Distribution, repo_arch: str, plan: gpu.DriverPlan) -> 
             changed.append(
                 files.file(
                     name="No apt pin against NVIDIA's driver packages",
-                    path=gpu.CANONICAL_DRIVER_PIN,
+                    path=layout.CANONICAL_DRIVER_PIN,
                     present=False,
                 )
             )
-    files.directory(name="llamahost download cache", path=CACHE_DIR, mode="0755")
-    deb = f"{CACHE_DIR}/{gpu.keyring_file()}"
+    files.directory(name="llamahost download cache", path=layout.CACHE_DIR, mode="0755")
+    deb = f"{layout.CACHE_DIR}/{gpu.keyring_file()}"
     files.download(
         name=f"Download NVIDIA's cuda-keyring {gpu.CUDA_KEYRING_VERSION}",
         src=gpu.keyring_url(dist, repo_arch),
@@ -245,14 +167,14 @@ def configuration() -> tuple[OperationMeta, OperationMeta]:
     dropin = files.put(
         name="nvidia-persistenced in persistence mode (drop-in)",
         src="files/gpu/nvidia-persistenced.conf",
-        dest=gpu.PERSISTENCED_DROPIN,
+        dest=layout.PERSISTENCED_DROPIN,
         mode="0644",
     )
     systemd.daemon_reload(name="Reload systemd units (persistenced drop-in)", _if=dropin.did_change)
     blacklist = files.put(
         name="Blacklist nouveau",
         src="files/gpu/blacklist-nouveau.conf",
-        dest=gpu.NOUVEAU_BLACKLIST,
+        dest=layout.NOUVEAU_BLACKLIST,
         mode="0644",
     )
     server.shell(
@@ -346,7 +268,7 @@ def persistence_and_verify(
 
     started = systemd.service(
         name="nvidia-persistenced enabled and running",
-        service=gpu.PERSISTENCED_UNIT,
+        service=layout.PERSISTENCED_UNIT,
         running=True,
         enabled=True,
     )
@@ -362,7 +284,7 @@ def persistence_and_verify(
         changes.append(
             systemd.service(
                 name="Restart nvidia-persistenced (drop-in changed or persistence mode off)",
-                service=gpu.PERSISTENCED_UNIT,
+                service=layout.PERSISTENCED_UNIT,
                 running=True,
                 restarted=True,
                 **restart_kwargs,
@@ -403,8 +325,9 @@ def _target_is_controller(controller_machine_id: str | None) -> bool:
     return gpu.same_machine("".join(target), controller_machine_id)
 
 
-def _say_cpu_path(cfg: HostConfig, conf: gpu.GpuSettings) -> None:
-    if conf.gpu_stack == "off":
+def _say_cpu_path(spec: HostSpec) -> None:
+    cfg = spec.cfg
+    if spec.gpu.gpu_stack == "off":
         logger.info(f"{host.print_prefix}llama_gpu_stack is 'off': CPU path (CPU build).")
         return
     extra = (

@@ -1,6 +1,6 @@
 """llama.cpp: fetch the pinned source, build llama-server, switch `current` to it.
 
-Layout under llama_cpp_prefix:
+Layout under llama_cpp_prefix (llamahost.layout):
   src/llama.cpp-<commit>.tar.gz   the source archive (downloaded or uploaded)
   builds/<build id>/bin/          one directory per (commit, CMake arguments)
   current -> builds/<build id>    what the service runs
@@ -16,22 +16,17 @@ from pyinfra.context import host
 from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
+from llamahost import layout
 from llamahost.config import HostConfig
 from llamahost.render import BUILD_TARGETS, build_id, cmake_args
-
-BUILD_SCRIPT = "/opt/llamahost/bin/llama-build"
-
-
-def binary_path(cfg: HostConfig) -> str:
-    return f"{cfg.cpp_prefix}/current/bin/llama-server"
 
 
 def build(cfg: HostConfig, jobs: int, gpu_cmake_args: tuple[str, ...] = ()) -> OperationMeta:
     """Ensure the build for this commit and these flags is current; return the link op."""
     prefix = cfg.cpp_prefix
-    archive = f"{prefix}/src/llama.cpp-{cfg.cpp_commit}.tar.gz"
+    archive = layout.cpp_archive(prefix, cfg.cpp_commit)
     cmake = cmake_args(cfg, gpu_cmake_args)
-    build_root = f"{prefix}/builds/{build_id(cfg.cpp_commit, cmake)}"
+    build_root = layout.cpp_build_root(prefix, build_id(cfg.cpp_commit, cmake))
 
     files.directory(name="llama.cpp directories", path=f"{prefix}/src", mode="0755")
     files.directory(path=f"{prefix}/builds", mode="0755")
@@ -54,7 +49,7 @@ def build(cfg: HostConfig, jobs: int, gpu_cmake_args: tuple[str, ...] = ()) -> O
     files.put(
         name="Install the build script",
         src="files/llama-build.sh",
-        dest=BUILD_SCRIPT,
+        dest=layout.BUILD_SCRIPT,
         mode="0755",
     )
     # The fact is read before the run: a build that exists is never redone.
@@ -62,11 +57,13 @@ def build(cfg: HostConfig, jobs: int, gpu_cmake_args: tuple[str, ...] = ()) -> O
         server.shell(
             name=f"Build llama-server ({cfg.cpp_commit[:12]}, {jobs} jobs)",
             commands=[
-                shlex.join([BUILD_SCRIPT, archive, build_root, str(jobs), *BUILD_TARGETS, *cmake])
+                shlex.join(
+                    [layout.BUILD_SCRIPT, archive, build_root, str(jobs), *BUILD_TARGETS, *cmake]
+                )
             ],
         )
     return files.link(
         name="Point llama.cpp `current` at the build",
-        path=f"{prefix}/current",
+        path=layout.cpp_current(prefix),
         target=build_root,
     )

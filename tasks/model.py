@@ -21,18 +21,15 @@ from pyinfra.context import host
 from pyinfra.facts.files import File, FileContents
 from pyinfra.operations import files, pip, server
 
-from llamahost import controller_fetch
+from llamahost import controller_fetch, hub, layout
 from llamahost.config import HostConfig
-
-FETCH_SCRIPT = "/opt/llamahost/bin/llama-fetch-model"
-TOKEN_FILE = "/run/llamahost/hf-token"  # noqa: S105  (a path, not a secret)
-DOWNLOAD_LOG = "/var/log/llamahost/model-download.log"
+from llamahost.layout import DOWNLOAD_LOG, FETCH_SCRIPT, TOKEN_FILE
 
 
 def verified_intact(cfg: HostConfig, stat: Any) -> bool:
     if not stat:
         return False
-    sidecar = host.get_fact(FileContents, path=cfg.model_path + ".sha256") or []
+    sidecar = host.get_fact(FileContents, path=layout.model_sidecar(cfg.model_path)) or []
     if len(sidecar) < 2:
         return False
     digest, stamp = sidecar[0].strip(), sidecar[1].split()
@@ -83,7 +80,7 @@ def start(cfg: HostConfig) -> Download:
         return Download(cfg, None, None)
     if cfg.model_source == "controller":
         return Download(cfg, None, push_from_controller(cfg))
-    files.directory(name="Download log directory", path="/var/log/llamahost", mode="0750")
+    files.directory(name="Download log directory", path=layout.LOG_DIR, mode="0750")
     argv = [
         *_fetch_command(cfg, f"{cfg.hf_venv}/bin/python"),
         "--margin-mib", str(cfg.model_disk_margin_mib),
@@ -92,7 +89,7 @@ def start(cfg: HostConfig) -> Download:
     ]  # fmt: skip
     if cfg.model_sha256:
         argv += ["--sha256", cfg.model_sha256]
-    if cfg.hf_token:
+    if hub.token(cfg):
         argv += ["--token-file", TOKEN_FILE]
     download = Download(cfg, tuple(argv), None)
     if cfg.model_download_overlap:
@@ -111,7 +108,7 @@ def finish(download: Download) -> OperationMeta | None:
     return server.shell(
         name=f"{_title(download.cfg)}: wait for it and verify",
         commands=[shlex.join([*download.argv, "--wait"])],
-        _env=_env(download.cfg),
+        _env=hub.host_environment(download.cfg),
     )
 
 
@@ -123,7 +120,7 @@ def _launch(download: Download) -> None:
     server.shell(
         name=f"{_title(download.cfg)} (in the background; progress: {DOWNLOAD_LOG})",
         commands=[shlex.join([*download.argv, "--start"])],
-        _env=_env(download.cfg),
+        _env=hub.host_environment(download.cfg),
     )
 
 
@@ -144,23 +141,17 @@ def _title(cfg: HostConfig) -> str:
     return f"Download {cfg.model_repo}/{cfg.model_file}@{cfg.model_revision}"
 
 
-def _env(cfg: HostConfig) -> dict[str, str]:
-    env = {"HF_HUB_DISABLE_TELEMETRY": "1"}
-    if cfg.hf_endpoint:
-        env["HF_ENDPOINT"] = cfg.hf_endpoint
-    return env
-
-
 def _place_token(cfg: HostConfig) -> None:
     """The token reaches the host as a root-only file that the fetch script reads and
     deletes: never on a command line (pyinfra's _env would put it there), in a unit or in a
     log, and never readable by the service user."""
-    if not cfg.hf_token:
+    token = hub.token(cfg)
+    if not token:
         return
-    files.directory(name="Runtime directory", path="/run/llamahost", mode="0700")
+    files.directory(name="Runtime directory", path=layout.RUNTIME_DIR, mode="0700")
     files.put(
         name="Hub token for this download",
-        src=StringIO(cfg.hf_token + "\n"),
+        src=StringIO(token + "\n"),
         dest=TOKEN_FILE,
         user="root",
         group="root",
@@ -174,7 +165,7 @@ def push_from_controller(cfg: HostConfig) -> OperationMeta:
         got = controller_fetch.fetch(cfg)
     except controller_fetch.ControllerFetchError as e:
         raise PyinfraError(f"host {host.name!r}: {e}") from None
-    model_dir = cfg.model_path.rsplit("/", 1)[0]
+    model_dir = layout.parent(cfg.model_path)
     pushed = f"{model_dir}/.partial/{cfg.model_file}.pushed"
     files.put(
         name=f"Push {cfg.model_file} from the controller ({got.size / (1 << 20):.1f} MiB)",

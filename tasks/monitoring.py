@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Callable
 from io import StringIO
 from typing import Any
 
@@ -26,59 +25,38 @@ from pyinfra import logger
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
 from pyinfra.api.command import StringCommand
 from pyinfra.api.exceptions import PyinfraError
-from pyinfra.api.facts import FactBase
 from pyinfra.api.host import Host
 from pyinfra.api.operation import OperationMeta
 from pyinfra.api.state import State
 from pyinfra.context import host, inventory, state
 from pyinfra.facts.files import Directory, File, FindFiles, Sha256File
-from pyinfra.operations import apt, files, python, server, systemd
+from pyinfra.operations import apt, files, python, server
 
-from llamahost import monitoring as m
-from llamahost.config import ConfigError, HostConfig, resolve
-from llamahost.render import exec_line
+from llamahost import layout, render
+from llamahost.checks import ConfigError
+from llamahost.monitoring import exporters as ex
+from llamahost.monitoring import scrape
+from llamahost.monitoring.settings import GROUP, MonitoringConfig
+from llamahost.spec import HostSpec, inventory_specs
+from tasks.activate import activate
+from tasks.facts import KeyDigest, MountPoint
+from tasks.preflight import refuse
 
-PROMETHEUS = "prometheus.service"
-NODE_EXPORTER = "prometheus-node-exporter.service"
 # The key shape llamahost.config accepts, and the 48 alphanumerics the bring-up generates.
 _KEY = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
 
 
-class MountPoint(FactBase[str]):
-    """The mount point of the filesystem that holds a path (or its nearest existing parent:
-    on a first run the model directory is created later)."""
-
-    def command(self, path: str) -> str:
-        p = shlex.quote(path)
-        return f'p={p}; while [ ! -e "$p" ]; do p=$(dirname "$p"); done; stat -c %m -- "$p"'
-
-    def process(self, output: list[str]) -> str:
-        return output[0].strip() if output else "/"
-
-
-class KeyDigest(FactBase[str | None]):
-    """sha256 of a key file's content without whitespace; None when there is no file.
-
-    Compares keys on two hosts without reading them, whatever line ending each file has."""
-
-    def command(self, path: str) -> str:
-        p = shlex.quote(path)
-        return f"if [ -f {p} ]; then tr -d ' \\t\\r\\n' <{p} | sha256sum; fi"
-
-    def process(self, output: list[str]) -> str | None:
-        return output[0].split()[0] if output else None
-
-
 def enabled() -> bool:
     """Monitoring is on when the inventory has a `monitoring` group."""
-    return bool(inventory.get_group(m.GROUP, []))
+    return bool(inventory.get_group(GROUP, []))
 
 
-def _monitoring_config(name: str, data: dict[str, Any]) -> m.MonitoringConfig:
-    try:
-        return m.resolve_monitoring(name, data)
-    except ConfigError as e:
-        raise PyinfraError(str(e)) from None
+def _served_specs() -> list[HostSpec]:
+    """Every host of the inventory (each serves a llama-server), as the deploy sees it."""
+    specs, errors = inventory_specs([(h.name, h.data.dict(), h.groups) for h in inventory])
+    if errors:
+        raise refuse("\n".join(str(e) for e in errors))
+    return specs
 
 
 def _apt(name: str, packages: list[str]) -> OperationMeta:
@@ -92,52 +70,44 @@ def _apt(name: str, packages: list[str]) -> OperationMeta:
 
 
 # ---------------------------------------------------------------- served hosts
-def exporters(cfg: HostConfig) -> None:
+def exporters(spec: HostSpec) -> None:
     """On every host: the node exporter, and the GPU exporter on GPU hosts."""
     if not enabled():
         return
-    mon = _monitoring_config(host.name, host.data.dict())
-    try:  # checked before any operation: a GPU host without the pinned sha256 stops the run
-        gpu = m.gpu_exporter(host.name, mon) if cfg.profile.uses_gpu else None
-    except ConfigError as e:
-        raise PyinfraError(str(e)) from None
-    _node_exporter(cfg, mon)
-    if gpu is not None:
-        _gpu_exporter(gpu, mon)
+    _node_exporter(spec)
+    if spec.uses_gpu:
+        _gpu_exporter(ex.gpu_exporter(spec.monitoring), spec.monitoring)
 
 
 def _default_args(name: str, path: str, args: str) -> OperationMeta:
     # Written before the package is installed: dpkg keeps a conffile that is already there
     # (pyinfra's apt runs with --force-confold), so the first start already uses it.
-    return files.template(
-        name=name,
-        src="templates/monitoring/default-args.j2",
-        dest=path,
-        mode="0644",
-        args=args,
-    )
+    return files.put(name=name, src=StringIO(render.default_args(args)), dest=path, mode="0644")
 
 
-def _node_exporter(cfg: HostConfig, mon: m.MonitoringConfig) -> None:
+def _node_exporter(spec: HostSpec) -> None:
     settings = _default_args(
         "Node exporter settings",
-        "/etc/default/prometheus-node-exporter",
-        m.node_exporter_args(mon),
+        layout.NODE_EXPORTER_DEFAULTS,
+        ex.node_exporter_args(spec.monitoring),
     )
     pkg = _apt("Install the node exporter", ["prometheus-node-exporter"])
-    files.directory(name="Node exporter textfile directory", path=m.TEXTFILE_DIR, mode="0755")
-    mount = host.get_fact(MountPoint, path=cfg.model_dir)
+    files.directory(name="Node exporter textfile directory", path=layout.TEXTFILE_DIR, mode="0755")
+    model_dir = spec.cfg.model_dir
+    mount = host.get_fact(MountPoint, path=model_dir)
     files.put(
         name="Name the model filesystem for the alerts",
-        src=StringIO(m.model_filesystem_textfile(cfg.model_dir, mount)),
-        dest=f"{m.TEXTFILE_DIR}/llamahost.prom",
+        src=StringIO(ex.model_filesystem_textfile(model_dir, mount)),
+        dest=layout.MODEL_FS_TEXTFILE,
         mode="0644",
     )
-    _start(NODE_EXPORTER, settings, pkg)
+    activate(
+        layout.NODE_EXPORTER, restart_on=[settings], why="its settings changed", installed_by=[pkg]
+    )
 
 
-def _gpu_exporter(gpu: m.GpuExporter, mon: m.MonitoringConfig) -> None:
-    root = gpu.binary.rsplit("/", 1)[0]
+def _gpu_exporter(gpu: ex.GpuExporter, mon: MonitoringConfig) -> None:
+    root = layout.parent(gpu.binary)
     files.directory(name="GPU exporter directory", path=root, mode="0755")
     files.download(
         name=f"Download nvidia_gpu_exporter {mon.monitoring_gpu_exporter_version}",
@@ -165,97 +135,63 @@ def _gpu_exporter(gpu: m.GpuExporter, mon: m.MonitoringConfig) -> None:
                 )
             ],
         )
-    unit = files.template(
-        name=f"Render {m.GPU_EXPORTER_UNIT}",
-        src="templates/monitoring/nvidia-gpu-exporter.service.j2",
-        dest=f"/etc/systemd/system/{m.GPU_EXPORTER_UNIT}",
+    unit = files.put(
+        name=f"Render {layout.GPU_EXPORTER_UNIT}",
+        src=StringIO(
+            render.gpu_exporter_unit(
+                mon.monitoring_gpu_exporter_version, gpu.binary, ex.gpu_exporter_args(gpu)
+            )
+        ),
+        dest=layout.GPU_EXPORTER_UNIT_PATH,
         mode="0644",
-        version=mon.monitoring_gpu_exporter_version,
-        exec_start=exec_line(gpu.binary, m.gpu_exporter_args(gpu)),
     )
-    systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)
-    started = systemd.service(
-        name=f"Enable and start {m.GPU_EXPORTER_UNIT}",
-        service=m.GPU_EXPORTER_UNIT,
-        running=True,
-        enabled=True,
-    )
-    systemd.service(
-        name=f"Restart {m.GPU_EXPORTER_UNIT} (its unit changed)",
-        service=m.GPU_EXPORTER_UNIT,
-        running=True,
-        restarted=True,
-        _if=lambda: unit.did_change() and not started.did_change(),
-    )
+    activate(layout.GPU_EXPORTER_UNIT, unit_file=unit, why="its unit changed")
 
 
 # ---------------------------------------------------------------- monitoring hosts
-def prometheus() -> None:
+def prometheus(spec: HostSpec) -> None:
     """On a host of group `monitoring`: Prometheus scraping every llama-server of the
     inventory (a no-op on other hosts)."""
-    if m.GROUP not in host.groups:
+    if GROUP not in host.groups:
         return
-    mon = _monitoring_config(host.name, host.data.dict())
+    served = _served_specs()
     try:
-        served = [m.served_host(h.name, h.data.dict()) for h in inventory]
-        scrape = m.targets(host.name, served)
+        targets = scrape.targets(host.name, [scrape.served_host(s) for s in served])
     except ConfigError as e:
-        raise PyinfraError(str(e)) from None
-
+        raise refuse(str(e)) from None
+    mon = spec.monitoring
     settings = _default_args(
-        "Prometheus settings", "/etc/default/prometheus", m.prometheus_args(mon)
+        "Prometheus settings", layout.PROMETHEUS_DEFAULTS, scrape.prometheus_args(mon)
     )
     pkg = _apt("Install Prometheus", ["prometheus"])
-    _credentials(scrape)
-    installed = _configuration(mon, scrape)
-    started, restart = _start(PROMETHEUS, settings, pkg)
-    systemd.service(
-        name=f"Reload {PROMETHEUS} (its configuration changed)",
-        service=PROMETHEUS,
-        reloaded=True,
-        _if=lambda: installed.did_change() and not (restart() or started.did_change()),
+    _credentials(targets, {s.name: s for s in served})
+    installed = _configuration(mon, targets)
+    activate(
+        layout.PROMETHEUS,
+        restart_on=[settings],
+        why="its settings changed",
+        installed_by=[pkg],
+        reload_on=[installed],
     )
 
 
-def _start(
-    unit: str, settings: OperationMeta, pkg: OperationMeta
-) -> tuple[OperationMeta, Callable[[], bool]]:
-    """Enabled and running; restarted when its settings changed, unless this run installed
-    or started it (it already reads them then). Returns the start and the restart's test."""
-    started = systemd.service(
-        name=f"Enable and start {unit}", service=unit, running=True, enabled=True
-    )
-
-    def restart() -> bool:
-        return settings.did_change() and not (pkg.did_change() or started.did_change())
-
-    systemd.service(
-        name=f"Restart {unit} (its settings changed)",
-        service=unit,
-        running=True,
-        restarted=True,
-        _if=restart,
-    )
-    return started, restart
-
-
-def _credentials(scrape: list[m.Target]) -> None:
+def _credentials(targets: list[scrape.Target], specs: dict[str, HostSpec]) -> None:
     """One credentials file per served host: root:prometheus 0640 in a 0750 directory."""
     files.directory(
         name="Prometheus credentials directory",
-        path=m.KEYS_DIR,
+        path=layout.KEYS_DIR,
         user="root",
         group="prometheus",
         mode="0750",
     )
-    for t in scrape:
-        _credential(t)
+    for t in targets:
+        _credential(t, specs[t.host])
     present = (
-        host.get_fact(FindFiles, path=m.KEYS_DIR, maxdepth=1)
-        if host.get_fact(Directory, path=m.KEYS_DIR)
+        host.get_fact(FindFiles, path=layout.KEYS_DIR, maxdepth=1)
+        if host.get_fact(Directory, path=layout.KEYS_DIR)
         else []
     )
-    for stale in sorted(set(present or []) - {t.key_file for t in scrape}):
+    for stale in sorted(set(present or []) - {t.key_file for t in targets}):
         files.file(
             name=f"Remove the key of a host no longer in the inventory ({stale})",
             path=stale,
@@ -263,9 +199,9 @@ def _credentials(scrape: list[m.Target]) -> None:
         )
 
 
-def _credential(t: m.Target) -> None:
+def _credential(t: scrape.Target, spec: HostSpec) -> None:
     served = inventory.get_host(t.host)
-    cfg = resolve(served.name, served.data.dict())
+    cfg = spec.cfg
     if cfg.api_key is not None:
         # The inventory supplies the key (e.g. from the controller's environment): the same
         # bytes service.api_key writes on the served host.
@@ -339,19 +275,21 @@ def _copy_key(state: State, host: Host, served_name: str, src: str, dest: str) -
         raise PyinfraError(f"{host.name}: could not write {dest}")
 
 
-def _configuration(mon: m.MonitoringConfig, scrape: list[m.Target]) -> OperationMeta:
+def _configuration(mon: MonitoringConfig, targets: list[scrape.Target]) -> OperationMeta:
     """Stage the configuration and rules, check them with promtool, then put them in place.
 
     The live configuration names its rules by a relative path, so the check of the staged
     copy reads the staged rules. A failed check leaves the live files and Prometheus alone.
     """
-    staged_config = f"{m.STAGE_DIR}/prometheus.yml"
-    staged_rules = f"{m.STAGE_DIR}/{m.RULES_REF}"
-    files.directory(name="Prometheus staging directory", path=f"{m.STAGE_DIR}/rules", mode="0755")
+    staged_config = f"{layout.STAGE_DIR}/prometheus.yml"
+    staged_rules = f"{layout.STAGE_DIR}/{layout.RULES_REF}"
+    files.directory(
+        name="Prometheus staging directory", path=f"{layout.STAGE_DIR}/rules", mode="0755"
+    )
     staged = [
         files.put(
             name="Stage the Prometheus configuration",
-            src=StringIO(m.prometheus_yml(host.name, mon, scrape)),
+            src=StringIO(scrape.prometheus_yml(host.name, mon, targets)),
             dest=staged_config,
             mode="0644",
         ),
@@ -362,7 +300,7 @@ def _configuration(mon: m.MonitoringConfig, scrape: list[m.Target]) -> Operation
             mode="0644",
         ),
     ]
-    pairs = [(staged_config, m.PROMETHEUS_CONFIG), (staged_rules, m.RULES_PATH)]
+    pairs = [(staged_config, layout.PROMETHEUS_CONFIG), (staged_rules, layout.RULES_PATH)]
     live = all(
         host.get_fact(Sha256File, path=a) is not None
         and host.get_fact(Sha256File, path=a) == host.get_fact(Sha256File, path=b)
@@ -385,8 +323,8 @@ def _configuration(mon: m.MonitoringConfig, scrape: list[m.Target]) -> Operation
             " && ".join(
                 [
                     shlex.join(["promtool", "check", "config", staged_config]),
-                    install(staged_rules, m.RULES_PATH),
-                    install(staged_config, m.PROMETHEUS_CONFIG),
+                    install(staged_rules, layout.RULES_PATH),
+                    install(staged_config, layout.PROMETHEUS_CONFIG),
                 ]
             )
         ],

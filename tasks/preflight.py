@@ -7,49 +7,74 @@ here stops the whole run with no host changed.
 from pyinfra import logger
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.context import host
-from pyinfra.facts.hardware import Cpus
 
-from llamahost import lock as locks
-from llamahost.config import ConfigError, HostConfig, resolve
+from llamahost import distro
+from llamahost.checks import ConfigError
+from llamahost.monitoring.settings import GROUP
 from llamahost.plan import check_gpu_memory, plan_for, render
+from llamahost.spec import HostSpec, resolve_host
+from tasks.facts import OnlineCpus, OsRelease
 
 
-def host_config() -> HostConfig:
-    """The host's configuration, pinned by the model lock when one is configured."""
+def refuse(message: str) -> PyinfraError:
+    """A refusal, set apart from the plan's printout: it starts its own paragraph."""
+    return PyinfraError(f"\n\nREFUSED {message}\n")
+
+
+def validated_spec() -> HostSpec:
+    """The host's spec: every setting of every concern checked, the model lock applied."""
     try:
-        hp = plan_for(resolve(host.name, host.data.dict()))
-    except (ConfigError, locks.LockError) as e:
-        raise PyinfraError(str(e)) from None
+        return resolve_host(
+            host.name, host.data.dict(), monitored=bool(host.inventory.get_group(GROUP, []))
+        )
+    except ConfigError as e:
+        raise refuse(str(e)) from None
+
+
+def host_spec() -> HostSpec:
+    """The host's spec, planned: a bad value or a plan that does not fit stops the run."""
+    spec = validated_spec()
+    hp = plan_for(spec)
     if not hp.fits:
-        raise PyinfraError(
-            f"host {host.name!r}: the plan refuses this configuration (nothing was changed):\n"
-            + render(hp)
+        reasons = "".join(f"\n  {p}" for p in hp.problems) or "\n  it does not fit the GPU"
+        raise refuse(
+            f"host {host.name!r}: the plan refuses this configuration (nothing was changed):"
+            f"{reasons}\n\nthe plan:\n{render(hp)}"
         )
     if hp.est is None:
         logger.warning(f"[{host.name}] no model metadata: memory not planned ({hp.shape_source})")
-    return hp.cfg
+    return spec
 
 
-def profile_matches_hardware(cfg: HostConfig, gpu_path: bool, memory_mib: tuple[int, ...]) -> None:
+def distribution() -> distro.Distribution:
+    """The host's distribution; any other than the supported ones stops the run."""
+    os_release: list[str] = host.get_fact(OsRelease)
+    try:
+        return distro.distribution(host.name, distro.parse_os_release("\n".join(os_release)))
+    except distro.Unsupported as e:
+        raise refuse(str(e)) from None
+
+
+def profile_matches_hardware(spec: HostSpec, gpu_path: bool, memory_mib: tuple[int, ...]) -> None:
     """A GPU profile on a host where the GPU path is not taken would fail to start; a plan
     made for more GPU memory than nvidia-smi reports would run out of it."""
-    problems = check_gpu_memory(cfg, memory_mib)
+    problems = check_gpu_memory(spec.cfg, memory_mib)
     if problems:
-        raise PyinfraError(f"host {host.name!r}: {problems[0]} (nothing was changed)")
-    if cfg.profile.uses_gpu and not gpu_path:
-        raise PyinfraError(
-            f"host {host.name!r}: llama_profile = {cfg.profile.name!r} needs an NVIDIA GPU and "
+        raise refuse(f"host {host.name!r}: {problems[0]} (nothing was changed)")
+    if spec.uses_gpu and not gpu_path:
+        raise refuse(
+            f"host {host.name!r}: llama_profile = {spec.profile.name!r} needs an NVIDIA GPU and "
             "this host takes the CPU path (no GPU found, or llama_gpu_stack 'off'); use "
             "llama_profile 'cpu-demo', or llama_gpu_stack 'on' (nothing was changed)"
         )
 
 
-def build_jobs(cfg: HostConfig, cpus: int) -> int:
-    return cpus if cfg.cpp_build_jobs == "auto" else int(cfg.cpp_build_jobs)
+def build_jobs(spec: HostSpec, cpus: int) -> int:
+    return cpus if spec.cfg.cpp_build_jobs == "auto" else int(spec.cfg.cpp_build_jobs)
 
 
 def cpu_count() -> int:
-    cpus = host.get_fact(Cpus)
+    cpus = host.get_fact(OnlineCpus)
     if not cpus:
-        raise PyinfraError(f"host {host.name!r}: could not read the number of online CPUs")
+        raise refuse(f"host {host.name!r}: could not read the number of online CPUs")
     return int(cpus)

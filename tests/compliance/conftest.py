@@ -62,9 +62,6 @@ def _requested_inventory(config: pytest.Config) -> str | None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "gpu: a compliance check that needs a GPU host (skipped, with why, elsewhere)"
-    )
     # testinfra logs every command's full output at DEBUG, and one command reads the key.
     logging.getLogger("testinfra").setLevel(logging.INFO)
     requested = _requested_inventory(config)

@@ -100,7 +100,7 @@ def parse_smi_xml(text: str) -> SmiReport:
     return SmiReport(driver_version=_text(root, "driver_version"), gpus=tuple(gpus))
 
 
-# The loaded module's first line, proprietary and open flavours (FACTS.md, "NVIDIA"):
+# The loaded module's first line, proprietary and open flavours (docs/facts.md, "NVIDIA packaging"):
 #   NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.173.02  Tue Jun 23 ...
 #   NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build ...
 _NVRM = re.compile(r"^NVRM version: .*?Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)\s")

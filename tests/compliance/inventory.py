@@ -1,56 +1,28 @@
 """The hosts to check and what each should be, from the pyinfra inventory the deploy used.
 
 pyinfra itself lists the hosts and their merged data (host, group and group_data/ files),
-without connecting: `pyinfra INVENTORY debug-inventory --json`. The expected configuration
-is llamahost's own `resolve()` of that data, the same call the deploy's preflight makes,
-so there is no second list of hosts and no second copy of an expected value.
+without connecting: `pyinfra INVENTORY debug-inventory --json` (llamahost.inventory). The
+expected values are llamahost's own `resolve_host()` of that data, the same call the
+deploy's preflight and `plan` make, so there is no second list of hosts and no second
+copy of an expected value. Imports llamahost only: no tasks, no pyinfra.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
-import os
 import shlex
-import subprocess
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from llamahost import lock as locks
-from llamahost.config import ConfigError, HostConfig, resolve
-from llamahost.plan import plan_host
+from llamahost import inventory as inv
+from llamahost.config import HostConfig
+from llamahost.spec import HostSpec, inventory_specs
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_INVENTORY = "inventory/prod.py"
 
 
 class InventoryError(Exception):
     pass
-
-
-def effective_config(name: str, data: dict[str, Any]) -> HostConfig:
-    """What the deploy makes of a host's data: validated, then pinned by the model lock.
-
-    The same steps as tasks/preflight.host_config, through the same llamahost functions
-    (resolve, lock, plan_host), without pyinfra's host context. The model's shape is not
-    fetched: the configuration plan_host returns does not depend on it, only its verdict.
-    """
-    cfg = resolve(name, data)
-    models = None
-    if cfg.model_lock:
-        path = Path(cfg.model_lock)
-        try:
-            models = locks.load(path if path.is_absolute() else REPO / path)
-        except locks.LockError as e:
-            raise InventoryError(str(e)) from None
-        if locks.entry_for(cfg, models) is None:
-            raise InventoryError(
-                f"host {name!r}: {cfg.model_lock} has no entry for {locks.key(cfg)} "
-                "(the deploy refuses this host too: run `make lock`)"
-            )
-    return plan_host(cfg, models, None).cfg
 
 
 @dataclass(frozen=True)
@@ -59,7 +31,11 @@ class Target:
 
     name: str
     data: dict[str, Any] = field(repr=False)
-    cfg: HostConfig = field(repr=False)
+    spec: HostSpec = field(repr=False)
+
+    @property
+    def cfg(self) -> HostConfig:
+        return self.spec.cfg
 
     @property
     def ssh_hostname(self) -> str:
@@ -119,25 +95,20 @@ class Target:
 
 def load(inventory: str) -> list[Target]:
     """Every host of the inventory, validated; any invalid host stops the whole run."""
-    argv = [sys.executable, "-m", "pyinfra", inventory, "debug-inventory", "--json"]
-    p = subprocess.run(
-        argv, cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=120
-    )
-    if p.returncode != 0:
-        raise InventoryError(f"{shlex.join(argv)} failed:\n{p.stderr[-3000:]}")
     try:
-        hosts = json.loads(p.stdout)
-    except json.JSONDecodeError:
-        raise InventoryError(f"pyinfra printed no JSON: {p.stdout[:500]!r}") from None
-    targets = []
-    errors = []
-    for h in hosts:
-        try:
-            targets.append(Target(h["name"], h["data"], effective_config(h["name"], h["data"])))
-        except (ConfigError, InventoryError) as e:
-            errors.append(str(e))
-    if errors:
-        raise InventoryError("\n".join(errors))
-    if not targets:
-        raise InventoryError(f"{inventory} lists no host")
-    return targets
+        hosts = inv.hosts(inventory)
+    except inv.InventoryError as e:
+        raise InventoryError(str(e)) from None
+    specs, errors = inventory_specs(hosts)
+    problems = [str(e) for e in errors]
+    for spec in specs:
+        if spec.lock.path is not None and spec.lock.entry is None:
+            problems.append(
+                f"host {spec.name!r}: {spec.lock.path} has no entry for {spec.cfg.model_repo}/"
+                f"{spec.cfg.model_file}@{spec.cfg.model_revision} (the deploy refuses this "
+                "host too: run `make lock`)"
+            )
+    if problems:
+        raise InventoryError("\n".join(problems))
+    data = {name: d for name, d, _ in hosts}
+    return [Target(s.name, data[s.name], s) for s in specs]

@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
-from pyinfra.facts.hardware import Cpus
 
-from llamahost.render import server_args
-from tasks.llama_cpp import binary_path
-from tasks.service import UNIT
+from llamahost.layout import UNIT
+from llamahost.render import ONLINE_CPUS, server_command
 from tests.compliance.inventory import Target
 
 HTTP_TIMEOUT = 30  # seconds for one request; a chat of 4 tokens on a loaded server
@@ -62,6 +60,7 @@ class Http:
 class Server:
     def __init__(self, target: Target, host: Any):
         self.target = target
+        self.spec = target.spec
         self.cfg = target.cfg
         self.host = host  # testinfra.host.Host
 
@@ -93,15 +92,15 @@ class Server:
 
     @functools.cached_property
     def cpu_count(self) -> int:
-        """The host's online CPUs, by the command pyinfra's Cpus fact runs for the deploy."""
-        return int(self.host.check_output(Cpus().command()).split()[0])
+        """The host's online CPUs, by the command the deploy's fact runs."""
+        return int(self.host.check_output(ONLINE_CPUS).split()[0])
 
     def expected_argv(self) -> list[str]:
         """The command line the deploy renders into the unit for this host."""
         return self.expected_argv_for(self.cpu_count)
 
     def expected_argv_for(self, cpu_count: int) -> list[str]:
-        return [binary_path(self.cfg), *server_args(self.cfg, cpu_count)]
+        return server_command(self.cfg, cpu_count)
 
     # -------------------------------------------------------------- HTTP
     @functools.cached_property

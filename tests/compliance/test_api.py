@@ -11,7 +11,7 @@ import pytest
 from tests.compliance.live import Server
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-# Seed-OSS's turn format with the generation prompt (FACTS.md; tests/e2e/test_bringup.py).
+# Seed-OSS's turn format with the generation prompt (docs/facts.md; tests/e2e/test_bringup.py).
 SEED_OSS_PROMPT = "<seed:bos>user\nhi<seed:eos><seed:bos>assistant\n"
 
 

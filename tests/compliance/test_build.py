@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.llama_cpp import binary_path
+from llamahost.layout import server_binary
 from tests.compliance.live import Server
 
 
@@ -16,7 +16,7 @@ def test_runs_the_current_build_of_the_pinned_commit(server: Server, host: Any) 
     """
     cfg = server.cfg
     running = host.check_output("readlink -f /proc/%s/exe", str(server.main_pid))
-    current = host.check_output("readlink -f %s", binary_path(cfg))
+    current = host.check_output("readlink -f %s", server_binary(cfg.cpp_prefix))
     assert running == current, f"llama-server runs {running}, but current is {current}"
     build_dir = current.removesuffix("/bin/llama-server")
     assert build_dir.startswith(f"{cfg.cpp_prefix}/builds/{cfg.cpp_commit[:12]}-"), (

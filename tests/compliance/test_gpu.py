@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from llamahost.gpu import resolve_gpu
-from tasks.llama_cpp import binary_path
+from llamahost.layout import server_binary
 from tests.compliance import gpu_parse
 from tests.compliance.live import Server
 
@@ -42,7 +41,7 @@ def test_cuda_build_lists_the_profiles_device(gpu_server: Server) -> None:
     working driver, lists no CUDA device.
     """
     s = gpu_server
-    out = s.host.run("%s --list-devices", binary_path(s.cfg))
+    out = s.host.run("%s --list-devices", server_binary(s.cfg.cpp_prefix))
     devices = [d.name for d in gpu_parse.list_devices(out.stdout)]
     wanted = (s.cfg.profile.device or "").split(",")
     assert set(wanted) <= set(devices), f"--list-devices lists {devices}, the profile uses {wanted}"
@@ -55,7 +54,7 @@ def test_build_targets_the_gpus_compute_capability(gpu_server: Server) -> None:
     the build's own configure log, against nvidia-smi's compute_cap.
     """
     s = gpu_server
-    build = s.host.check_output("readlink -f %s", binary_path(s.cfg)).removesuffix(
+    build = s.host.check_output("readlink -f %s", server_binary(s.cfg.cpp_prefix)).removesuffix(
         "/bin/llama-server"
     )
     archs = gpu_parse.cuda_architectures(s.host.file(f"{build}/logs/configure.log").content_string)
@@ -90,7 +89,7 @@ def test_driver_in_the_pinned_branch(gpu_server: Server) -> None:
     Checklist: "Driver/CUDA compatible"; llama_driver_branch (e.g. 580).
     """
     s = gpu_server
-    pinned = resolve_gpu(s.target.name, s.target.data).driver_branch
+    pinned = s.spec.gpu.driver_branch
     module = gpu_parse.kernel_module_version(s.host.check_output("cat /proc/driver/nvidia/version"))
     assert gpu_parse.branch(module) == str(pinned), f"driver {module}, pinned branch {pinned}"
 

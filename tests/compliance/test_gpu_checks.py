@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from llamahost.spec import resolve_host
 from tests.compliance import test_gpu
-from tests.compliance.inventory import Target, effective_config
+from tests.compliance.inventory import Target
 from tests.compliance.live import Server
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -73,8 +74,8 @@ class FakeHost:
 
 
 def gpu_server(host: FakeHost, **data: Any) -> Server:
-    cfg = effective_config("a100", {"llama_profile": "balanced", **data})
-    server = Server(Target("a100", {"llama_profile": "balanced", **data}, cfg), host)
+    data = {"llama_profile": "balanced", **data}
+    server = Server(Target("a100", data, resolve_host("a100", data)), host)
     server.__dict__["main_pid"] = PID  # cached_property: what the live host would say
     return server
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from huggingface_hub import HfApi
 from huggingface_hub.hf_api import RepoFile
 
+from llamahost import hub, layout
 from llamahost.config import HostConfig
 from tests.compliance.live import Server
 
@@ -23,13 +23,13 @@ def expected_sha256(cfg: HostConfig, host: Any) -> tuple[str, str]:
     """
     if cfg.model_sha256:
         return cfg.model_sha256, "the pinned sha256 (llama_model_sha256 / model lock)"
-    recorded = host.file(cfg.model_path + ".sha256")
+    recorded = host.file(layout.model_sidecar(cfg.model_path))
     if recorded.exists:
         # First line: the sha256; the second records the size and mtime it was checked at.
         digest = recorded.content_string.splitlines()[0].strip()
         return digest, f"the sha256 recorded at download ({recorded.path})"
     endpoint = cfg.hf_endpoint or "https://huggingface.co"
-    (info,) = HfApi(endpoint=cfg.hf_endpoint).get_paths_info(
+    (info,) = hub.api(cfg).get_paths_info(
         cfg.model_repo, [cfg.model_file], revision=cfg.model_revision
     )
     assert isinstance(info, RepoFile) and info.lfs is not None, (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.service import UNIT
+from llamahost.layout import UNIT
 from tests.compliance.live import Server, exposure
 
 # Measured with systemd 252 on the test host (Debian 12): the CPU unit rates 1.4 and the

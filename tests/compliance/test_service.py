@@ -5,11 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyinfra.api.util import get_template
-
-from llamahost.gpu import unit_lines as gpu_unit_lines
-from tasks.llama_cpp import binary_path
-from tasks.service import UNIT, unit_variables
+from llamahost import render
+from llamahost.layout import UNIT, UNIT_PATH
 from tests.compliance.live import Server, listening_inodes
 
 # A crash loop at RestartSec=10 passes this within a minute and StartLimitBurst=5 stops it
@@ -67,19 +64,11 @@ def test_listens_on_the_profile_address_and_port(server: Server, host: Any) -> N
 def test_unit_file_is_the_one_the_deploy_renders(server: Server, host: Any) -> None:
     """The unit file is exactly what the deploy renders, with no drop-in overriding it.
 
-    Rendered here from templates/llama-server.service.j2 with the host's inventory data,
-    as the deploy does: a hand edit shows even before anyone restarts the service.
+    Rendered here by llamahost.render.unit from the host's spec, the function the deploy
+    uploads the output of: a hand edit shows even before anyone restarts the service.
     """
-    # As tasks/service.unit renders it, from the path it names (relative to the repository,
-    # as for pyinfra). The GPU lines follow the GPU path the deploy took, which is the
-    # profile's on every host the deploy accepts, except a CPU profile on a GPU host.
-    template = "templates/llama-server.service.j2"
-    cfg = server.cfg
-    ctx = unit_variables(cfg, binary_path(cfg), server.cpu_count)
-    expected = get_template(template).render(
-        gpu_unit_lines=gpu_unit_lines(cfg.profile.uses_gpu), **ctx
-    )
-    on_host = host.file(f"/etc/systemd/system/{UNIT}").content_string
+    expected = render.unit(server.spec, server.cpu_count)
+    on_host = host.file(UNIT_PATH).content_string
     if on_host != expected:
         changed = [
             f"- {a!r}\n+ {b!r}"

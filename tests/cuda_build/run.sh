@@ -10,7 +10,7 @@
 #   - -DGGML_CUDA_NO_VMM=ON: without it ggml-cuda links the driver library (libcuda),
 #     which a GPU host has and this machine has not, not even as a stub.
 #
-# Inputs (FACTS.md, "CUDA-BUILD"):
+# Inputs (docs/facts.md, "llama.cpp at the pinned commit"):
 #   - nvcc 13.0 from $CUDA_SRC (default /usr/local/cuda-13.0), assembled from PyPI wheels,
 #     without cuBLAS. cuBLAS comes from the PyPI wheel nvidia-cublas==13.0.2.14 (it matches
 #     CUDA 13.0); both are merged into a private copy under .cache/, the system tree is

@@ -1,30 +1,31 @@
 """deploy.py up to the GPU stack, for the real run of tasks/gpu.py on the test host.
 
-Steps 0, 1 and 3 of deploy.py as they are there (configuration, service account, build
-dependencies, the GPU stack), then llama-server's unit rendered with the GPU stack's
-[Unit] lines, without starting it. The model download (step 2) is left out: it runs in the
-background and proves nothing here. The CUDA build (step 4) and what follows are left out
-because the CUDA build cannot run on the test host: the CUDA toolkit there is an empty stand-in from
-tests/support/fakenvidia.py (no nvcc). The sm_80 compile itself is checked by
-`make test-cuda-build` (about 26 min on 2 cores, not part of `make test`).
+Steps 0, 1 and 3 of deploy.py as they are there (the spec, service account, build
+dependencies, the GPU stack), then llama-server's unit rendered for the host's GPU profile,
+without starting it. The memory plan of step 0 is left out (it reads the model's header
+from the Hub, which plays no part here). The model download (step 2) is left out: it runs
+in the background and proves nothing here. The CUDA build (step 4) and what follows are
+left out because the CUDA build cannot run on the test host: the CUDA toolkit there is an
+empty stand-in from tests/support/fakenvidia.py (no nvcc). The sm_80 compile itself is
+checked by `make test-cuda-build` (about 26 min on 2 cores, not part of `make test`).
 
 Run by tests/e2e/test_gpu_stack.py: pyinfra inventory/local.py tests/e2e/gpu_stage.py
 """
 
 from pyinfra.operations import systemd
 
-from tasks import gpu, llama_cpp, packages, preflight, service
+from tasks import gpu, packages, preflight, service
 
 # 0., 1. and 3. As in deploy.py.
-cfg = preflight.host_config()
-gpu_conf = gpu.settings()
+spec = preflight.validated_spec()
+dist = preflight.distribution()
 cpus = preflight.cpu_count()
-service.account(cfg)
+service.account(spec.cfg)
 packages.install()
-stack = gpu.install(cfg, gpu_conf)
-preflight.profile_matches_hardware(cfg, stack.gpu, stack.memory_mib)
+stack = gpu.install(spec, dist)
+preflight.profile_matches_hardware(spec, stack.gpu, stack.memory_mib)
 
 # 6., the unit only: rendered and loaded (the reload is service.run's first step), never
 # started: there is no llama-server binary here.
-unit = service.unit(cfg, llama_cpp.binary_path(cfg), cpus, gpu.unit_lines(stack))
+unit = service.unit(spec, cpus)
 systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from llamahost import gpu
+from llamahost import distro, gpu, layout, render
 from tests.e2e.conftest import REPO, Run, Site, free_port, require_prerequisites, tiny_hub_root
 from tests.support import fakenvidia, testhost
 from tests.support.hubserver import HubServer
@@ -39,9 +39,11 @@ class GpuSite:
     boot_id: str
 
     def run(self, *data: str) -> Run:
-        """tests/e2e/gpu_stage.py with the GPU stack forced on; -vvv: commands' output."""
+        """tests/e2e/gpu_stage.py with the GPU stack forced on and a GPU profile (its unit
+        is rendered, never started); -vvv: commands' output."""
         # No GPU to read the architecture from.
         extra = ["--data", "llama_gpu_stack=on", "--data", "llama_cuda_architectures=80"]
+        extra += ["--data", "llama_profile=balanced"]
         for d in data:
             extra += ["--data", d]
         return self.site.deploy("-vvv", *extra, deploy_file="tests/e2e/gpu_stage.py")
@@ -90,7 +92,7 @@ def test_the_repository_comes_from_the_keyring_package_over_https(
     stack: GpuSite, first: Run
 ) -> None:
     # Fetched from the real URLs, which the host resolved to the stand-in.
-    debian_12 = next(d for d in gpu.SUPPORTED if d.cuda_repo == "debian12")
+    debian_12 = next(d for d in distro.SUPPORTED if d.cuda_repo == "debian12")
     keyring_url = gpu.keyring_url(debian_12, "x86_64")
     assert keyring_url == fakenvidia.REPO_URL + "cuda-keyring_1.1-1_all.deb"
     got = stack.fake.requests
@@ -128,7 +130,7 @@ def test_driver_on_the_pinned_branch_held_with_headers_and_toolkit(
 
 def test_nouveau_blacklisted_and_no_initramfs_to_rebuild(stack: GpuSite, first: Run) -> None:
     assert (
-        stack.sh(f"cat {gpu.NOUVEAU_BLACKLIST}")
+        stack.sh(f"cat {layout.NOUVEAU_BLACKLIST}")
         == (REPO / "files/gpu/blacklist-nouveau.conf").read_text()
     )
     # The minimal host has neither initramfs-tools nor dracut: the step says so and passes.
@@ -140,11 +142,11 @@ def test_persistenced_runs_in_persistence_mode_through_the_dropin(
     stack: GpuSite, first: Run
 ) -> None:
     assert (
-        stack.sh(f"cat {gpu.PERSISTENCED_DROPIN}")
+        stack.sh(f"cat {layout.PERSISTENCED_DROPIN}")
         == (REPO / "files/gpu/nvidia-persistenced.conf").read_text()
     )
-    unit = stack.show(gpu.PERSISTENCED_UNIT, "ExecStart", "DropInPaths", "ActiveState")
-    assert gpu.PERSISTENCED_DROPIN in unit["DropInPaths"].split()
+    unit = stack.show(layout.PERSISTENCED_UNIT, "ExecStart", "DropInPaths", "ActiveState")
+    assert layout.PERSISTENCED_DROPIN in unit["DropInPaths"].split()
     # The drop-in's command replaces the package's --no-persistence-mode one.
     assert "argv[]=/usr/bin/nvidia-persistenced --user root --persistence-mode" in unit["ExecStart"]
     assert "--no-persistence-mode" not in unit["ExecStart"]
@@ -156,11 +158,11 @@ def test_persistenced_runs_in_persistence_mode_through_the_dropin(
 
 def test_llama_server_unit_is_ordered_after_persistenced(stack: GpuSite, first: Run) -> None:
     text = stack.sh("cat /etc/systemd/system/llama-server.service").splitlines()
-    for line in gpu.unit_lines(True):
+    for line in render.gpu_ordering(True):
         assert line in text
     unit = stack.show("llama-server.service", "After", "Wants", "ActiveState")
-    assert gpu.PERSISTENCED_UNIT in unit["After"].split()
-    assert gpu.PERSISTENCED_UNIT in unit["Wants"].split()
+    assert layout.PERSISTENCED_UNIT in unit["After"].split()
+    assert layout.PERSISTENCED_UNIT in unit["Wants"].split()
     assert unit["ActiveState"] == "inactive"  # rendered, not started
 
 

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import requests
 
-from llamahost.monitoring import DASHBOARD_FILE, KEYS_DIR, RULES_FILE, key_file
+from llamahost.layout import DASHBOARD_FILE, KEYS_DIR, RULES_FILE
+from llamahost.monitoring.scrape import key_file
 from tests.e2e.conftest import Run, Site, free_port
 from tests.monitoring.names import (
     dashboard_exprs,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from llamahost.config import resolve
 from llamahost.gguf_header import read_file
 from llamahost.memory import MIB, ModelShape, estimate
+from llamahost.spec import resolve_host
 from tests.e2e.conftest import MODEL_FILE, MODEL_REPO, REPO, Run, Site
 
 pytestmark = pytest.mark.e2e
@@ -88,14 +88,14 @@ def test_lock_pins_the_served_bytes(site: Site, deployed: Run, tmp_path: Path) -
 
     run = site.deploy(env=_env(site, lock))
     assert run.rc == 0, run.output[-4000:]
-    cfg = resolve(
+    cfg = resolve_host(
         "x",
         {
             "llama_model_repo": MODEL_REPO,
             "llama_model_file": MODEL_FILE,
             "llama_model_revision": str(entry["commit"]),
         },
-    )
+    ).cfg
     assert site.sh(f"head -n 1 {cfg.model_path}.sha256").strip() == entry["sha256"]
     assert f"-m {cfg.model_path}" in site.sh(
         "grep ^ExecStart= /etc/systemd/system/llama-server.service"

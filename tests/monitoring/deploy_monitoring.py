@@ -7,15 +7,11 @@ real run is deploy.py. A host whose data sets `dev_alias` is a second name for a
 the inventory: it is scraped, nothing is installed on it.
 """
 
-from typing import Any
-
 from pyinfra.context import host
 
-from llamahost.config import resolve
-from tasks import monitoring
+from tasks import monitoring, preflight
 
-data: dict[str, Any] = host.data.dict()  # type: ignore[no-untyped-call]
-cfg = resolve(host.name, data)
+spec = preflight.validated_spec()
 if not host.data.get("dev_alias"):
-    monitoring.exporters(cfg)
-monitoring.prometheus()
+    monitoring.exporters(spec)
+monitoring.prometheus(spec)

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llamahost import monitoring
+from llamahost.monitoring import exporters as ex
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 yaml: Any = importlib.import_module("yaml")  # PyYAML comes with gguf and huggingface_hub
@@ -114,7 +114,7 @@ def known_names() -> dict[str, set[str]]:
         "llamacpp:": llama_server_names(),
         "nvidia_smi_": _names_file("nvidia-gpu-exporter-metrics.txt"),
         "node_": _names_file("node-exporter-metrics.txt"),
-        "llamahost_": set(monitoring.OWN_METRICS),
+        "llamahost_": set(ex.OWN_METRICS),
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llamahost.monitoring import DASHBOARD_FILE, REPO
+from llamahost.layout import DASHBOARD_FILE, REPO
 from tests.monitoring.names import yaml
 
 

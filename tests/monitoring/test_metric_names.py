@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from llamahost.monitoring import DASHBOARD_FILE, RULES_FILE
+from llamahost.layout import DASHBOARD_FILE, RULES_FILE
 from tests.monitoring.names import (
     dashboard_exprs,
     known_names,
@@ -47,7 +47,7 @@ def test_names_are_read_from_promql(expr: str, names: set[str]) -> None:
 
 def test_the_fixtures_hold_the_families() -> None:
     known = known_names()
-    # FACTS.md's list of names at the pinned commit, from the recorded scrape.
+    # docs/facts.md's list of names at the pinned commit, from the recorded scrape.
     assert {
         "llamacpp:requests_processing",
         "llamacpp:requests_deferred",

@@ -6,19 +6,24 @@ from typing import Any
 
 import pytest
 
-from llamahost import monitoring as m
-from llamahost.config import SETTINGS, ConfigError, resolve
+from llamahost import layout
+from llamahost.checks import ConfigError
+from llamahost.config import SETTINGS
+from llamahost.monitoring import exporters as ex
+from llamahost.monitoring import scrape
+from llamahost.monitoring import settings as msettings
+from llamahost.spec import resolve_host
 from tests.monitoring.names import yaml
 
 
-def served(name: str, **data: Any) -> m.ServedHost:
-    return m.served_host(name, {"llama_profile": "balanced", **data})
+def served(name: str, **data: Any) -> scrape.ServedHost:
+    return scrape.served_host(resolve_host(name, {"llama_profile": "balanced", **data}))
 
 
-def config(monitoring_host: str, hosts: list[m.ServedHost], **data: Any) -> dict[str, Any]:
-    mon = m.resolve_monitoring(monitoring_host, data)
+def config(monitoring_host: str, hosts: list[scrape.ServedHost], **data: Any) -> dict[str, Any]:
+    mon = resolve_host(monitoring_host, data).monitoring
     out: dict[str, Any] = yaml.safe_load(
-        m.prometheus_yml(monitoring_host, mon, m.targets(monitoring_host, hosts))
+        scrape.prometheus_yml(monitoring_host, mon, scrape.targets(monitoring_host, hosts))
     )
     return out
 
@@ -34,20 +39,20 @@ def jobs(cfg: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
 
 
 def test_defaults() -> None:
-    mon = m.resolve_monitoring("h", {})
+    mon = resolve_host("h", {}).monitoring
     assert mon.monitoring_prometheus_host == "127.0.0.1"
     assert mon.monitoring_prometheus_port == 9090
-    assert mon.monitoring_gpu_exporter_version == m.PINNED_GPU_EXPORTER_VERSION
+    assert mon.monitoring_gpu_exporter_version == msettings.PINNED_GPU_EXPORTER_VERSION
     assert mon.monitoring_gpu_exporter_sha256 is None
-    assert m.prometheus_args(mon) == (
+    assert scrape.prometheus_args(mon) == (
         "--config.file=/etc/prometheus/prometheus.yml "
         "--web.listen-address=127.0.0.1:9090 --storage.tsdb.retention.time=15d"
     )
 
 
 def test_settings_rows_have_the_config_shape() -> None:
-    assert all(type(s) is type(SETTINGS[0]) for s in m.MONITORING_SETTINGS)
-    assert all(s.key.startswith("monitoring_") and s.doc for s in m.MONITORING_SETTINGS)
+    assert all(type(s) is type(SETTINGS[0]) for s in msettings.MONITORING_SETTINGS)
+    assert all(s.key.startswith("monitoring_") and s.doc for s in msettings.MONITORING_SETTINGS)
 
 
 @pytest.mark.parametrize(
@@ -63,16 +68,16 @@ def test_settings_rows_have_the_config_shape() -> None:
 )
 def test_bad_values_are_named(key: str, value: Any, message: str) -> None:
     with pytest.raises(ConfigError) as e:
-        m.resolve_monitoring("h", {key: value})
+        resolve_host("h", {key: value})
     assert "host 'h': invalid inventory data (nothing was changed)" in str(e.value)
     assert f"{key} = {value!r}: {message}" in str(e.value)
 
 
 def test_llama_config_ignores_our_keys_until_config_knows_them() -> None:
-    cfg = resolve("h", {"llama_monitoring_prometheus_port": 9999, "llama_port": 8081})
+    cfg = resolve_host("h", {"llama_monitoring_prometheus_port": 9999, "llama_port": 8081}).cfg
     assert cfg.profile.port == 8081
     with pytest.raises(ConfigError, match="llama_prot"):
-        resolve("h", {"llama_prot": 1})
+        resolve_host("h", {"llama_prot": 1})
 
 
 def test_every_llama_server_is_scraped_with_its_own_key() -> None:
@@ -104,7 +109,7 @@ def test_every_llama_server_is_scraped_with_its_own_key() -> None:
             host = sc["job_name"].split("/", 1)[1]
             assert sc["authorization"] == {
                 "type": "Bearer",
-                "credentials_file": m.key_file(host),
+                "credentials_file": scrape.key_file(host),
             }
             assert sc["relabel_configs"] == [{"target_label": "job", "replacement": "llama-server"}]
 
@@ -124,13 +129,15 @@ def test_without_gpu_hosts_there_is_no_gpu_job() -> None:
 
 def test_a_remote_server_on_loopback_is_refused() -> None:
     with pytest.raises(ConfigError) as e:
-        m.targets("mon", [served("mon"), served("a100-01", llama_host="127.0.0.1")])
+        scrape.targets("mon", [served("mon"), served("a100-01", llama_host="127.0.0.1")])
     assert "host 'a100-01'" in str(e.value)
     assert "llama_host = '127.0.0.1': llama-server listens on loopback only" in str(e.value)
     with pytest.raises(ConfigError, match="llama_monitoring_exporter_host = '::1'"):
-        m.targets("mon", [served("a100-01", llama_monitoring_exporter_host="::1")])
+        scrape.targets("mon", [served("a100-01", llama_monitoring_exporter_host="::1")])
     # On the monitoring host itself, loopback is fine.
-    (t,) = m.targets("mon", [served("mon", llama_host="::1", llama_monitoring_exporter_host="::")])
+    (t,) = scrape.targets(
+        "mon", [served("mon", llama_host="::1", llama_monitoring_exporter_host="::")]
+    )
     assert (t.llama, t.node) == ("[::1]:8080", "[::1]:9100")
 
 
@@ -138,38 +145,46 @@ def test_metrics_off_is_refused_when_monitored() -> None:
     with pytest.raises(
         ConfigError, match="llama_metrics = False: the inventory has a 'monitoring'"
     ):
-        m.targets("mon", [served("a100-01", llama_metrics=False)])
+        resolve_host(
+            "a100-01", {"llama_metrics": False, "llama_profile": "cpu-demo"}, monitored=True
+        )
+    resolve_host("a100-01", {"llama_metrics": False, "llama_profile": "cpu-demo"})
 
 
 def test_key_file_names_are_safe() -> None:
-    assert m.key_file("a100-01.example.internal") == f"{m.KEYS_DIR}/a100-01.example.internal.key"
-    odd = m.key_file("../x y")
-    assert odd.startswith(f"{m.KEYS_DIR}/") and "/" not in odd[len(m.KEYS_DIR) + 1 :]
-    assert m.key_file("a/b") != m.key_file("a_b")
+    assert (
+        scrape.key_file("a100-01.example.internal")
+        == f"{layout.KEYS_DIR}/a100-01.example.internal.key"
+    )
+    odd = scrape.key_file("../x y")
+    assert odd.startswith(f"{layout.KEYS_DIR}/") and "/" not in odd[len(layout.KEYS_DIR) + 1 :]
+    assert scrape.key_file("a/b") != scrape.key_file("a_b")
 
 
 def test_gpu_exporter_needs_its_sha256() -> None:
+    # Only where a `monitoring` group scrapes a GPU host: refused by the spec, like any field.
+    resolve_host("a100-01", {"llama_profile": "balanced"})
+    resolve_host("cpu-01", {"llama_profile": "cpu-demo"}, monitored=True)
     with pytest.raises(ConfigError) as e:
-        m.gpu_exporter("a100-01", m.resolve_monitoring("a100-01", {}))
+        resolve_host("a100-01", {"llama_profile": "balanced"}, monitored=True)
     assert "llama_monitoring_gpu_exporter_sha256 = None: required on a GPU host" in str(e.value)
     assert "checksums.txt of release v1.14.0" in str(e.value)
     sha = "ab" * 32
-    exp = m.gpu_exporter(
-        "a100-01", m.resolve_monitoring("a100-01", {"llama_monitoring_gpu_exporter_sha256": sha})
-    )
+    mon = resolve_host("a100-01", {"llama_monitoring_gpu_exporter_sha256": sha}).monitoring
+    exp = ex.gpu_exporter(mon)
     assert exp.url == (
         "https://github.com/utkuozdemir/nvidia_gpu_exporter/releases/download/"
         "v1.14.0/nvidia_gpu_exporter-nvml_1.14.0_linux_x86_64.tar.gz"
     )
-    assert exp.binary == f"{m.GPU_EXPORTER_PREFIX}/1.14.0-{sha[:12]}/nvidia_gpu_exporter"
-    assert m.gpu_exporter_args(exp) == [
+    assert exp.binary == f"{layout.GPU_EXPORTER_PREFIX}/1.14.0-{sha[:12]}/nvidia_gpu_exporter"
+    assert ex.gpu_exporter_args(exp) == [
         "--web.listen-address=0.0.0.0:9835",
         "--collect.backend=nvml",
     ]
 
 
 def test_model_filesystem_textfile_escapes_labels() -> None:
-    text = m.model_filesystem_textfile("/var/lib/llama-models", '/mnt/"odd"\\dir')
+    text = ex.model_filesystem_textfile("/var/lib/llama-models", '/mnt/"odd"\\dir')
     assert text.endswith(
         'llamahost_model_filesystem_info{model_dir="/var/lib/llama-models",'
         'mountpoint="/mnt/\\"odd\\"\\\\dir"} 1\n'

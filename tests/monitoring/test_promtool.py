@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from llamahost import monitoring as m
+from llamahost import layout
+from llamahost.monitoring import scrape
+from llamahost.spec import resolve_host
 from tests.monitoring.names import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -36,17 +38,19 @@ def run(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
 
 def render(tmp: Path, data: dict[str, dict[str, object]], monitoring_host: str) -> Path:
     """The configuration a monitoring host gets, with its credentials files under tmp."""
-    mon = m.resolve_monitoring(monitoring_host, data[monitoring_host])
+    mon = resolve_host(monitoring_host, data[monitoring_host]).monitoring
     targets = []
-    for t in m.targets(monitoring_host, [m.served_host(n, d) for n, d in data.items()]):
+    for t in scrape.targets(
+        monitoring_host, [scrape.served_host(resolve_host(n, d)) for n, d in data.items()]
+    ):
         key = tmp / "keys" / Path(t.key_file).name
         key.parent.mkdir(exist_ok=True)
         key.write_text("a-key-for-the-check-only\n")
         targets.append(dataclasses.replace(t, key_file=str(key)))
     (tmp / "rules").mkdir(exist_ok=True)
-    shutil.copy(m.RULES_FILE, tmp / m.RULES_REF)
+    shutil.copy(layout.RULES_FILE, tmp / layout.RULES_REF)
     config = tmp / "prometheus.yml"
-    config.write_text(m.prometheus_yml(monitoring_host, mon, targets))
+    config.write_text(scrape.prometheus_yml(monitoring_host, mon, targets))
     return config
 
 
@@ -78,26 +82,26 @@ def test_promtool_refuses_a_missing_credentials_file(promtool: str, tmp_path: Pa
 
 
 def test_rules_pass_promtool(promtool: str) -> None:
-    r = run(promtool, "check", "rules", str(m.RULES_FILE))
+    r = run(promtool, "check", "rules", str(layout.RULES_FILE))
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_a_broken_rule_fails_promtool(promtool: str, tmp_path: Path) -> None:
     broken = tmp_path / "broken.rules.yml"
-    broken.write_text(m.RULES_FILE.read_text().replace("== 0\n", "=== 0\n", 1))
+    broken.write_text(layout.RULES_FILE.read_text().replace("== 0\n", "=== 0\n", 1))
     assert run(promtool, "check", "rules", str(broken)).returncode != 0
 
 
 def test_rule_unit_tests_fire_every_alert(promtool: str, tmp_path: Path) -> None:
     """tests/monitoring/rules_test.yml against the rules without their annotations: the
     expected alerts then list labels only (the wording is checked below)."""
-    doc = yaml.safe_load(m.RULES_FILE.read_text())
+    doc = yaml.safe_load(layout.RULES_FILE.read_text())
     alerts = set()
     for group in doc["groups"]:
         for rule in group["rules"]:
             rule.pop("annotations", None)
             alerts.add(rule["alert"])
-    (tmp_path / m.RULES_NAME).write_text(yaml.safe_dump(doc, sort_keys=False))
+    (tmp_path / layout.RULES_NAME).write_text(yaml.safe_dump(doc, sort_keys=False))
     test_file = HERE / "rules_test.yml"
     shutil.copy(test_file, tmp_path / test_file.name)
     r = run(promtool, "test", "rules", test_file.name, cwd=tmp_path)
@@ -107,7 +111,7 @@ def test_rule_unit_tests_fire_every_alert(promtool: str, tmp_path: Path) -> None
 
 
 def test_every_alert_says_what_to_do() -> None:
-    doc = yaml.safe_load(m.RULES_FILE.read_text())
+    doc = yaml.safe_load(layout.RULES_FILE.read_text())
     for group in doc["groups"]:
         for rule in group["rules"]:
             notes = rule["annotations"]
@@ -117,7 +121,7 @@ def test_every_alert_says_what_to_do() -> None:
 
 
 def test_memory_and_throughput_alerts_point_at_the_guides_ladder() -> None:
-    doc = yaml.safe_load(m.RULES_FILE.read_text())
+    doc = yaml.safe_load(layout.RULES_FILE.read_text())
     text = {r["alert"]: r["annotations"]["description"] for g in doc["groups"] for r in g["rules"]}
     assert "OOM ladder" in text["GpuMemoryNearFull"]
     assert "throughput ladder" in text["LlamaServerRequestsDeferred"]

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
+from pyinfra.api.command import FileUploadCommand
 from pyinfra.api.config import Config
 from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
@@ -25,9 +28,10 @@ from pyinfra.connectors.fake import FakeConnector
 from pyinfra.connectors.util import CommandOutput
 from pyinfra.context import ctx_host, ctx_state
 
-from llamahost import gpu
-from llamahost.config import resolve
+from llamahost import gpu, layout
+from llamahost.spec import HostSpec
 from tasks import gpu as gpu_tasks
+from tasks import preflight
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -126,17 +130,17 @@ def responses(h: FakeHost) -> dict[Any, Any]:
             "mismatch": "nvidia-smi-mismatch.txt",
         }[h.driver]
         r["nvidia-smi --query-gpu"] = fixture(smi) if h.gpu else fixture("nvidia-smi-no-driver.txt")
-        keyring = f"{gpu_tasks.CACHE_DIR}/{gpu.keyring_file()}"
+        keyring = f"{layout.CACHE_DIR}/{gpu.keyring_file()}"
         r[f"case {keyring} in"] = [" Package: cuda-keyring", " Version: 1.1-1"]
-        r.update(_present_dir(gpu_tasks.CACHE_DIR))
+        r.update(_present_dir(layout.CACHE_DIR))
         r.update(
             {re.compile(r"^! \(test -e " + re.escape(keyring) + " "): _stat(keyring, "-rw-r--r--")}
         )
-        r.update(_present_file(gpu.NOUVEAU_BLACKLIST, "files/gpu/blacklist-nouveau.conf"))
+        r.update(_present_file(layout.NOUVEAU_BLACKLIST, "files/gpu/blacklist-nouveau.conf"))
         if ubuntu:
             r.update(
                 _present_file(
-                    gpu.CANONICAL_DRIVER_PIN, "files/gpu/apt-preferences-driver-from-canonical"
+                    layout.CANONICAL_DRIVER_PIN, "files/gpu/apt-preferences-driver-from-canonical"
                 )
             )
         running = "running" if h.gpu else "dead"
@@ -145,7 +149,7 @@ def responses(h: FakeHost) -> dict[Any, Any]:
             f"SubState={running}",
         ]
     if h.dropin_present:
-        r.update(_present_file(gpu.PERSISTENCED_DROPIN, "files/gpu/nvidia-persistenced.conf"))
+        r.update(_present_file(layout.PERSISTENCED_DROPIN, "files/gpu/nvidia-persistenced.conf"))
         enabled = "enabled"
     else:
         # Ubuntu's packaged unit has no [Install] section: "static" until the drop-in.
@@ -162,6 +166,7 @@ class PlannedOp:
     name: str
     commands: tuple[str, ...]  # what would run; empty: no change
     conditional: bool  # carried an _if
+    uploads: tuple[tuple[str, str], ...] = ()  # (dest, text) of uploads of rendered text
 
 
 @dataclass
@@ -169,6 +174,11 @@ class Plan:
     ops: list[PlannedOp]
     result: gpu_tasks.GpuResult
     facts_read: list[str] = field(default_factory=list)
+
+    def uploaded(self, dest: str) -> str:
+        """The text an operation of the plan uploads to dest."""
+        (text,) = [t for op in self.ops for d, t in op.uploads if d == dest]
+        return text
 
     @property
     def changes(self) -> list[str]:
@@ -186,6 +196,7 @@ def plan(
     h: FakeHost,
     data: dict[str, Any] | None = None,
     controller_machine_id: str = CONTROLLER_ID,
+    then: Callable[[HostSpec, gpu_tasks.GpuResult], object] | None = None,
 ) -> Plan:
     name = f"@fake/{h.distro}"
     host_data = {
@@ -202,9 +213,12 @@ def plan(
     results: list[gpu_tasks.GpuResult] = []
 
     def deploy() -> None:
-        llama = {k: v for k, v in (data or {}).items() if k not in gpu.GPU_KEYS}
-        cfg = resolve(name, llama)
-        results.append(gpu_tasks.install(cfg, gpu_tasks.settings(), controller_machine_id))
+        # As deploy.py: the spec (without the memory plan, which reads the Hub) and the
+        # distribution from the preflight, then the stack.
+        spec = preflight.validated_spec()
+        results.append(gpu_tasks.install(spec, preflight.distribution(), controller_machine_id))
+        if then is not None:  # later steps of deploy.py, e.g. the unit
+            then(spec, results[-1])
 
     add_deploy(state, deploy)
     ops = []
@@ -218,6 +232,13 @@ def plan(
             run = all(c() for c in conditions)
             commands = list(data_.command_generator()) if run else []
             data_.operation_meta.set_complete(True, commands, CommandOutput([]))
-            ops.append(PlannedOp(op_name, tuple(str(c) for c in commands), bool(conditions)))
+            uploads = tuple(
+                (c.dest, c.src.getvalue())
+                for c in commands
+                if isinstance(c, FileUploadCommand) and isinstance(c.src, StringIO)
+            )
+            ops.append(
+                PlannedOp(op_name, tuple(str(c) for c in commands), bool(conditions), uploads)
+            )
     assert isinstance(fake.connector, FakeConnector)
     return Plan(ops, results[0], list(fake.connector.executed_commands))

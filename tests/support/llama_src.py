@@ -1,6 +1,6 @@
 """The pinned llama.cpp source as a .tar.gz, from PyPI only (no GitHub here).
 
-llama-cpp-python 0.3.36's sdist vendors llama.cpp at the pinned commit (FACTS.md). This
+llama-cpp-python 0.3.36's sdist vendors llama.cpp at the pinned commit (docs/facts.md). This
 repacks its vendor/llama.cpp as llama.cpp-<commit>/ into CACHE/llama.cpp-<commit>.tar.gz,
 byte-for-byte reproducibly (sorted names, fixed owners and times), and prints the path.
 """

@@ -2,7 +2,7 @@
 
 It loads and serves in llama-server at the pinned commit, which proves provisioning, the
 API, the key, the slots, the metrics and the chat template; it answers random bytes and
-proves nothing about answer quality. Recipe: FACTS.md, "A tiny Seed-OSS-architecture model".
+proves nothing about answer quality. Recipe: docs/facts.md, "The tiny Seed-OSS model for tests".
 """
 
 from __future__ import annotations

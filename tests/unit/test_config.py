@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from llamahost.config import ConfigError, resolve
+from llamahost.checks import ConfigError
+from llamahost.spec import resolve_host
 
 BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"llama_profile": "turbo"}, "llama_profile", "must be one of: low-latency, balanced"),
@@ -44,7 +45,7 @@ def test_bad_value_names_host_field_and_what_is_allowed(
     data: dict[str, Any], field: str, allowed: str
 ) -> None:
     with pytest.raises(ConfigError) as exc:
-        resolve("gpu-7", data)
+        resolve_host("gpu-7", data)
     message = str(exc.value)
     assert message.startswith("host 'gpu-7': invalid inventory data (nothing was changed)")
     line = next(ln for ln in message.splitlines() if ln.strip().startswith(field + " ="))
@@ -55,17 +56,17 @@ def test_bad_value_names_host_field_and_what_is_allowed(
 
 def test_every_bad_field_is_reported_at_once() -> None:
     with pytest.raises(ConfigError) as exc:
-        resolve("h", {"llama_port": -1, "llama_profile": "x", "llama_model_file": ""})
+        resolve_host("h", {"llama_port": -1, "llama_profile": "x", "llama_model_file": ""})
     assert {e.key for e in exc.value.errors} == {"llama_port", "llama_profile", "llama_model_file"}
 
 
 def test_non_llama_keys_are_ignored() -> None:
-    cfg = resolve("h", {"ssh_port": 22, "_sudo": True, "llama_port": 8081})
+    cfg = resolve_host("h", {"ssh_port": 22, "_sudo": True, "llama_port": 8081}).cfg
     assert cfg.profile.port == 8081
 
 
 def test_model_path_is_per_repository_revision_and_file() -> None:
-    cfg = resolve("h", {"llama_model_revision": "abc123"})
+    cfg = resolve_host("h", {"llama_model_revision": "abc123"}).cfg
     assert cfg.model_path == (
         "/var/lib/llama-models/unsloth--Seed-OSS-36B-Instruct-GGUF/abc123/"
         "Seed-OSS-36B-Instruct-UD-Q5_K_XL.gguf"

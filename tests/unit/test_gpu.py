@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
-from llamahost import gpu
-from llamahost.config import SETTINGS, ConfigError
+from llamahost import distro, gpu, layout, render
+from llamahost.checks import ConfigError
+from llamahost.config import SETTINGS
+from llamahost.spec import resolve_host
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "plan" / "fixtures"
@@ -21,10 +23,10 @@ def lines(name: str) -> list[str]:
 
 
 def settings(**data: Any) -> gpu.GpuSettings:
-    return gpu.resolve_gpu("gpu-7", {f"llama_{k}": v for k, v in data.items()})
+    return resolve_host("gpu-7", {f"llama_{k}": v for k, v in data.items()}).gpu
 
 
-UBUNTU_2204, UBUNTU_2404, DEBIAN_12 = gpu.SUPPORTED
+UBUNTU_2204, UBUNTU_2404, DEBIAN_12 = distro.SUPPORTED
 
 
 # ---------------------------------------------------------------- os-release
@@ -37,9 +39,9 @@ UBUNTU_2204, UBUNTU_2404, DEBIAN_12 = gpu.SUPPORTED
     ],
 )
 def test_supported_distributions_from_recorded_os_release(
-    fixture: str, expected: gpu.Distribution
+    fixture: str, expected: distro.Distribution
 ) -> None:
-    found = gpu.distribution("h", gpu.parse_os_release((FIXTURES / fixture).read_text()))
+    found = distro.distribution("h", distro.parse_os_release((FIXTURES / fixture).read_text()))
     assert found == expected
 
 
@@ -53,8 +55,8 @@ def test_supported_distributions_from_recorded_os_release(
     ],
 )
 def test_unsupported_distribution_is_refused_naming_host_and_file(text: str, shown: str) -> None:
-    with pytest.raises(gpu.GpuError) as exc:
-        gpu.distribution("gpu-7", gpu.parse_os_release(text))
+    with pytest.raises(distro.Unsupported) as exc:
+        distro.distribution("gpu-7", distro.parse_os_release(text))
     message = str(exc.value)
     assert message.startswith("host 'gpu-7': unsupported distribution in /etc/os-release: ")
     assert shown in message
@@ -62,14 +64,14 @@ def test_unsupported_distribution_is_refused_naming_host_and_file(text: str, sho
 
 
 def test_os_release_quoting_and_comments() -> None:
-    parsed = gpu.parse_os_release('# c\nNAME=\'A B\'\nID=debian\nX="q \\" z"\nbroken\n')
+    parsed = distro.parse_os_release('# c\nNAME=\'A B\'\nID=debian\nX="q \\" z"\nbroken\n')
     assert parsed == {"NAME": "A B", "ID": "debian", "X": 'q " z'}
 
 
 def test_only_amd64_has_a_cuda_repository_here() -> None:
-    assert gpu.cuda_repo_arch("h", "amd64") == "x86_64"
-    with pytest.raises(gpu.GpuError, match="host 'gpu-7': architecture 'arm64'"):
-        gpu.cuda_repo_arch("gpu-7", "arm64")
+    assert distro.cuda_repo_arch("h", "amd64") == "x86_64"
+    with pytest.raises(distro.Unsupported, match="host 'gpu-7': architecture 'arm64'"):
+        distro.cuda_repo_arch("gpu-7", "arm64")
 
 
 # ---------------------------------------------------------------- the GPUs
@@ -251,7 +253,7 @@ def test_gpu_settings_are_documented_and_apart_from_the_others() -> None:
 
 # ---------------------------------------------------------------- driver packages
 def plan_for(
-    dist: gpu.Distribution, kernel: str, installed: list[str], **data: Any
+    dist: distro.Distribution, kernel: str, installed: list[str], **data: Any
 ) -> gpu.DriverPlan:
     return gpu.driver_plan("gpu-7", dist, settings(**data), kernel, installed)
 
@@ -547,7 +549,7 @@ def test_nouveau_blacklist_and_canonical_pin() -> None:
         "Pin-Priority: -1",
     ]
     # apt reads preferences.d in order and ignores names with other characters.
-    name = gpu.CANONICAL_DRIVER_PIN.rsplit("/", 1)[1]
+    name = layout.CANONICAL_DRIVER_PIN.rsplit("/", 1)[1]
     assert name < "cuda-repository-pin-600" and name.replace("-", "").isalnum()
 
 
@@ -584,8 +586,8 @@ def test_initramfs_rebuild_uses_the_hosts_tool_or_says_there_is_none(
 
 
 def test_unit_lines() -> None:
-    assert gpu.unit_lines(False) == ()
-    assert gpu.unit_lines(True) == (
+    assert render.gpu_ordering(False) == ()
+    assert render.gpu_ordering(True) == (
         "After=nvidia-persistenced.service",
         "Wants=nvidia-persistenced.service",
     )

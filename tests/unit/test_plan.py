@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llamahost import lock as locks
-from llamahost.config import resolve
+from llamahost.checks import ConfigError
 from llamahost.gguf_header import HeaderError, read_file
 from llamahost.memory import MIB, REFERENCE_SHAPES, ModelShape, compute_bytes, kv_bytes
 from llamahost.plan import check_gpu_memory, plan_host, render
+from llamahost.spec import resolve_host
 from tests.support.tinygguf import write as write_tiny
 
 SEED = REFERENCE_SHAPES["unsloth/Seed-OSS-36B-Instruct-GGUF"]
@@ -51,7 +51,7 @@ def test_not_a_gguf_is_refused(tmp_path: Path) -> None:
 
 
 def test_seed_oss_kv_per_token_matches_the_published_arithmetic() -> None:
-    # FACTS.md: f16 256 KiB, q8_0 136 KiB per token; 32k at q8_0 = 4.25 GiB.
+    # docs/facts.md: f16 256 KiB, q8_0 136 KiB per token; 32k at q8_0 = 4.25 GiB.
     assert kv_bytes(SEED, 1, "f16", "f16") == 256 * 1024
     assert kv_bytes(SEED, 1, "q8_0", "q8_0") == 136 * 1024
     assert kv_bytes(SEED, 32768, "q8_0", "q8_0") == int(4.25 * 1024 * MIB)
@@ -80,7 +80,7 @@ def test_compute_estimate_within_10_percent_of_the_report(
 
 
 def _host(data: dict[str, Any]) -> Any:
-    return plan_host(resolve("gpu-1", data), None, SEED, "reference")
+    return plan_host(resolve_host("gpu-1", data), SEED, "reference")
 
 
 @pytest.mark.parametrize("profile", ["low-latency", "balanced", "long-context"])
@@ -120,10 +120,9 @@ def test_kv_pair_outside_the_cuda_kernels_is_refused() -> None:
 
 def test_context_beyond_training_without_rope_is_refused(tiny: ModelShape) -> None:
     hp = plan_host(
-        resolve(
+        resolve_host(
             "cpu-1", {"llama_profile": "cpu-demo", "llama_context": 32768, "llama_parallel": 1}
         ),
-        None,
         tiny,
         "header",
     )
@@ -136,22 +135,25 @@ def test_unified_kv_shows_guarantee_and_reach() -> None:
     assert "8192 tokens guaranteed, up to 65536" in text
 
 
-def test_lock_pins_file_commit_and_sha() -> None:
-    cfg = resolve("h", {"llama_model_lock": "/x/prod.lock.json", "llama_model_file": "Q5_K_XL"})
+def test_lock_pins_file_commit_and_sha(tmp_path: Path) -> None:
+    lock = tmp_path / "prod.lock.json"
+    data = {"llama_model_lock": str(lock), "llama_model_file": "Q5_K_XL"}
+    unlocked = resolve_host("h", data)
+    missing = plan_host(unlocked, SEED)
+    assert not missing.fits and "missing" in missing.lock_state
     entry = {
         "file": "M-UD-Q5_K_XL.gguf",
         "commit": "c" * 40,
         "sha256": "a" * 64,
         "shape": SEED.to_dict(),
     }
-    hp = plan_host(cfg, {locks.key(cfg): entry}, None)
+    locks.save(lock, {locks.key(unlocked.cfg): entry})
+    hp = plan_host(resolve_host("h", data), None)
     assert hp.fits and hp.lock_state == "locked"
     assert hp.cfg.model_revision == "c" * 40 and hp.cfg.model_sha256 == "a" * 64
     assert hp.cfg.model_path.endswith(f"/{'c' * 40}/M-UD-Q5_K_XL.gguf")
-    missing = plan_host(cfg, {}, SEED)
-    assert not missing.fits and "missing" in missing.lock_state
-    with pytest.raises(locks.LockError, match="differs from the lock"):
-        locks.apply(dataclasses.replace(cfg, model_sha256="b" * 64), entry)
+    with pytest.raises(ConfigError, match=r"llama_model_sha256 = .bbbb.*differs from the lock"):
+        resolve_host("h", {**data, "llama_model_sha256": "b" * 64})
 
 
 @pytest.mark.parametrize(
@@ -174,10 +176,10 @@ def test_pick_file_refuses_what_it_cannot_find() -> None:
 
 
 def test_plan_memory_is_checked_against_nvidia_smi() -> None:
-    cfg = resolve("gpu-1", {"llama_profile": "balanced"})
+    cfg = resolve_host("gpu-1", {"llama_profile": "balanced"}).cfg
     assert check_gpu_memory(cfg, (40960,)) == []
     assert check_gpu_memory(cfg, ()) == []  # no driver yet: nothing to compare
     (problem,) = check_gpu_memory(cfg, (40960, 24576))
     assert problem.startswith("llama_gpu_memory_mib = 40960: nvidia-smi reports 24576 MiB")
-    cpu = resolve("cpu-1", {"llama_profile": "cpu-demo"})
+    cpu = resolve_host("cpu-1", {"llama_profile": "cpu-demo"}).cfg
     assert check_gpu_memory(cpu, (1024,)) == []

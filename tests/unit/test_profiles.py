@@ -6,10 +6,10 @@ import shlex
 
 import pytest
 
-from llamahost.config import resolve
 from llamahost.render import server_args
+from llamahost.spec import resolve_host
 
-# Verbatim from the guide (shared/seed, section 2), line continuations removed.
+# Verbatim from the guide (docs/facts.md, "The guide's profiles"), line continuations removed.
 _COMMON = (
     "-hf unsloth/Seed-OSS-36B-Instruct-GGUF:Q5_K_XL --alias seed-oss-36b-q5kx "
     "--chat-template seed_oss --host 0.0.0.0 --port 8080 -fa on -ngl 999 --device CUDA0 "
@@ -68,37 +68,41 @@ def corrected(
 
 @pytest.mark.parametrize("profile", sorted(GUIDE))
 def test_guide_profiles_render_the_guides_flags(profile: str) -> None:
-    cfg = resolve("gpu-1", {"llama_profile": profile})
+    cfg = resolve_host("gpu-1", {"llama_profile": profile}).cfg
     ours = as_flags(server_args(cfg, cpu_count=32))
     guide = as_flags(shlex.split(GUIDE[profile].replace("$(nproc)", "'$(nproc)'")))
     assert ours == corrected(profile, guide, 32, cfg.model_path, cfg.api_key_file)
 
 
 def test_cpu_demo_has_the_same_shape_without_gpu_flags() -> None:
-    cfg = resolve("cpu-1", {"llama_profile": "cpu-demo"})
+    cfg = resolve_host("cpu-1", {"llama_profile": "cpu-demo"}).cfg
     flags = as_flags(server_args(cfg, cpu_count=2))
     assert "-ngl" not in flags and "--device" not in flags
-    balanced = as_flags(server_args(resolve("gpu-1", {}), cpu_count=2))
+    balanced = as_flags(server_args(resolve_host("gpu-1", {}).cfg, cpu_count=2))
     assert set(flags) == set(balanced) - {"-ngl", "--device", "--cache-reuse", "--kv-unified"}
     assert flags["-c"] == "4096" and flags["--parallel"] == "2"
 
 
 def test_overrides_win_over_the_profile() -> None:
-    cfg = resolve("h", {"llama_profile": "low-latency", "llama_parallel": 2, "llama_port": 9000})
+    cfg = resolve_host(
+        "h", {"llama_profile": "low-latency", "llama_parallel": 2, "llama_port": 9000}
+    ).cfg
     flags = as_flags(server_args(cfg, cpu_count=8))
     assert flags["--parallel"] == "2" and flags["--port"] == "9000"
     assert flags["-c"] == "65536"
 
 
 def test_builtin_template_is_used_without_jinja() -> None:
-    cfg = resolve("h", {"llama_chat_template": "seed_oss"})
+    cfg = resolve_host("h", {"llama_chat_template": "seed_oss"}).cfg
     flags = as_flags(server_args(cfg, cpu_count=8))
     assert flags["--chat-template"] == "seed_oss"
     assert "--no-jinja" in flags and "--jinja" not in flags
 
 
 def test_explicit_threads_and_unified_kv() -> None:
-    cfg = resolve("h", {"llama_threads": 6, "llama_kv_unified": True, "llama_slots": False})
+    cfg = resolve_host(
+        "h", {"llama_threads": 6, "llama_kv_unified": True, "llama_slots": False}
+    ).cfg
     argv = server_args(cfg, cpu_count=64)
     flags = as_flags([a for a in argv if a != "--no-slots"])
     assert flags["--threads"] == "6" and "--kv-unified" in flags
@@ -106,4 +110,4 @@ def test_explicit_threads_and_unified_kv() -> None:
 
 
 def test_default_profile_is_the_guides_production_profile() -> None:
-    assert resolve("h", {}).profile.name == "balanced"
+    assert resolve_host("h", {}).cfg.profile.name == "balanced"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from llamahost.config import setting_keys
+from llamahost.spec import setting_keys
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

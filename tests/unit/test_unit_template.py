@@ -1,33 +1,57 @@
-"""templates/llama-server.service.j2 rendered as pyinfra renders it (jinja2, the same context)."""
+"""The llama-server unit, rendered by llamahost.render.unit: the text the deploy uploads
+and the compliance checks compare with the host's file."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import pytest
 
-from llamahost.config import resolve
-from llamahost.render import unit_context
+from llamahost import render as r
+from llamahost.layout import HEALTH_SCRIPT
+from llamahost.monitoring import scrape
+from llamahost.profiles import PROFILES
+from llamahost.spec import resolve_host
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "templates" / "llama-server.service.j2"
+RENDERED = Path(__file__).resolve().parent / "fixtures" / "rendered"
 
 
-def render(data: dict[str, Any], unit_lines: tuple[str, ...] = ()) -> dict[str, list[str]]:
-    cfg = resolve("h", data)
-    # A unit file, not HTML: no autoescape, as pyinfra renders it.
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)  # noqa: S701
-    text = env.from_string(TEMPLATE.read_text()).render(
-        gpu_unit_lines=unit_lines,
-        **unit_context(cfg, "/opt/llama.cpp/current/bin/llama-server", "/opt/wait", 16, "/opt/f"),
-    )
+def render(data: dict[str, Any]) -> dict[str, list[str]]:
+    text = r.unit(resolve_host("h", data), 16)
     keys: dict[str, list[str]] = {}
     for line in text.splitlines():
         if line and not line.startswith(("#", "[")):
             k, _, v = line.partition("=")
             keys.setdefault(k, []).append(v)
     return keys
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_unit_is_byte_for_byte_what_the_previous_renderer_wrote(profile: str) -> None:
+    """Recorded with pyinfra's template renderer before the one environment replaced it
+    (cpu count 8): an upgrade of the toolkit alone rewrites no unit and restarts nothing."""
+    expected = (RENDERED / f"unit-{profile}.service").read_text()
+    assert r.unit(resolve_host("h1", {"llama_profile": profile}), 8) == expected
+
+
+def test_prometheus_yml_is_byte_for_byte_what_the_previous_renderer_wrote() -> None:
+    served = [
+        resolve_host("mon", {"llama_profile": "cpu-demo", "llama_host": "0.0.0.0"}),  # noqa: S104
+        resolve_host("gpu1", {"ssh_hostname": "10.0.0.5"}),
+    ]
+    mon = served[0].monitoring
+    text = scrape.prometheus_yml(
+        "mon", mon, scrape.targets("mon", [scrape.served_host(s) for s in served])
+    )
+    assert text == (RENDERED / "prometheus.yml").read_text()
+
+
+def test_cpu_profile_on_a_gpu_host_has_no_gpu_ordering() -> None:
+    """The GPU lines follow the profile (the spec), not the hardware the deploy finds, so
+    the deploy and the compliance checks render the same unit on any host."""
+    spec = resolve_host("h", {"llama_profile": "cpu-demo", "llama_gpu_stack": "on"})
+    assert "nvidia-persistenced" not in r.unit(spec, 8)
 
 
 def test_gpu_profile_allows_the_nvidia_devices_instead_of_hiding_devices() -> None:
@@ -39,8 +63,7 @@ def test_gpu_profile_allows_the_nvidia_devices_instead_of_hiding_devices() -> No
 
 
 def test_gpu_unit_is_ordered_after_nvidia_persistenced() -> None:
-    lines = ("After=nvidia-persistenced.service", "Wants=nvidia-persistenced.service")
-    unit = render({"llama_profile": "balanced"}, lines)
+    unit = render({"llama_profile": "balanced"})
     assert unit["After"] == ["network-online.target", "nvidia-persistenced.service"]
     assert unit["Wants"] == ["network-online.target", "nvidia-persistenced.service"]
     assert render({"llama_profile": "cpu-demo"})["After"] == ["network-online.target"]
@@ -66,7 +89,9 @@ def test_unit_runs_sandboxed_as_the_service_user(profile: str) -> None:
     }.items():
         assert unit[key] == [value], key
     assert len(unit["ExecStart"]) == 1
-    assert unit["ExecStartPost"] == ["/usr/bin/python3 /opt/wait http://127.0.0.1:8080/health"]
+    assert unit["ExecStartPost"] == [
+        f"/usr/bin/python3 {HEALTH_SCRIPT} http://127.0.0.1:8080/health"
+    ]
     assert int(unit["TimeoutStartSec"][0]) >= 1800
 
 

@@ -1,0 +1,155 @@
+"""The settings vocabulary: field errors, setting rows and typed checks.
+
+Every concern (the core in ``config``, the GPU stack in ``gpu.settings``, monitoring in
+``monitoring.settings``) declares its knobs as ``Setting`` rows built from these checks;
+``llamahost.spec.resolve_host`` validates all of them at once. This module imports nothing
+from the package, so any module can use it without an import cycle.
+
+Validation is strict on purpose: a value that ends up in a unit file or a shell command
+must be one line of a known shape, so inventory data can never add lines to a unit or
+words to a command.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "llama_"
+
+
+class Invalid(ValueError):
+    """A value is not allowed; the message says what is."""
+
+
+@dataclass(frozen=True)
+class FieldError:
+    key: str
+    value: Any
+    allowed: str
+
+    def __str__(self) -> str:
+        return f"{self.key} = {self.value!r}: {self.allowed}"
+
+
+class ConfigError(Exception):
+    def __init__(self, host: str, errors: list[FieldError]):
+        self.host = host
+        self.errors = errors
+        lines = "\n".join(f"  {e}" for e in errors)
+        super().__init__(f"host {host!r}: invalid inventory data (nothing was changed):\n{lines}")
+
+
+# ---------------------------------------------------------------- value checks
+Check = Callable[[Any], Any]
+
+
+def integer(lo: int, hi: int) -> Check:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise Invalid(f"must be an integer from {lo} to {hi}")
+        return v
+
+    return check
+
+
+def boolean(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise Invalid("must be true or false")
+    return v
+
+
+def choice(*options: str) -> Check:
+    def check(v: Any) -> str:
+        if v not in options:
+            raise Invalid("must be one of: " + ", ".join(options))
+        return str(v)
+
+    return check
+
+
+def pattern(regex: str, what: str) -> Check:
+    compiled = re.compile(regex)
+
+    def check(v: Any) -> str:
+        # fullmatch and no "$": a trailing newline must not slip through.
+        if not isinstance(v, str) or not compiled.fullmatch(v):
+            raise Invalid(f"must be {what}")
+        return v
+
+    return check
+
+
+def optional(inner: Check) -> Check:
+    def check(v: Any) -> Any:
+        return None if v is None else inner(v)
+
+    return check
+
+
+def either(first: Check, second: Check, what: str) -> Check:
+    def check(v: Any) -> Any:
+        for c in (first, second):
+            try:
+                return c(v)
+            except Invalid:
+                pass
+        raise Invalid(f"must be {what}")
+
+    return check
+
+
+def listen_address(v: Any) -> str:
+    if isinstance(v, str):
+        try:
+            ipaddress.ip_address(v)
+            return v
+        except ValueError:
+            pass
+    raise Invalid("must be an IPv4 or IPv6 address, e.g. 0.0.0.0 (all) or 127.0.0.1")
+
+
+abs_path = pattern(
+    r"/(?!.*(?:^|/)\.\.(?:/|$))[A-Za-z0-9._+@/-]*",
+    "an absolute path of letters, digits and ._+@/- (no '..')",
+)
+http_url = pattern(r"https?://[A-Za-z0-9._~:/?#\[\]@!&'()*+,;=%{}-]+", "an http(s) URL")
+sha256_hex = pattern(r"[0-9a-f]{64}", "a sha256 in 64 lower-case hex digits")
+cmake_define = pattern(r"-D[A-Za-z0-9_]+(?::[A-Z]+)?=[A-Za-z0-9._;,+/-]*", "-DNAME=VALUE")
+
+
+def cmake_args(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, (list, tuple)):
+        raise Invalid("must be a list of -DNAME=VALUE strings")
+    try:
+        return tuple(cmake_define(a) for a in v)
+    except Invalid:
+        raise Invalid("must be a list of -DNAME=VALUE strings") from None
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # without the llama_ prefix
+    default: Any  # PROFILE: taken from the host's profile
+    check: Check
+    doc: str
+
+
+PROFILE = object()  # marker: the default comes from the chosen profile
+
+
+def check_rows(
+    rows: tuple[Setting, ...], data: Mapping[str, Any], errors: list[FieldError]
+) -> dict[str, Any]:
+    """Each row's value from data (or its default), checked; failures go to errors."""
+    values: dict[str, Any] = {}
+    for s in rows:
+        value = data.get(PREFIX + s.key, s.default)
+        try:
+            values[s.key] = s.check(value)
+        except Invalid as e:
+            errors.append(FieldError(PREFIX + s.key, value, str(e)))
+    return values

@@ -1,0 +1,99 @@
+"""Where everything lives: every host path, unit and file name the deploy writes, and the
+repository's own files it reads. Defined once; the tasks, the renderer and the compliance
+checks all take them from here. Pure: imports nothing from the package.
+
+Paths that a setting chooses (``llama_model_dir``, ``llama_cpp_prefix``,
+``llama_api_key_file``, ``llama_hf_venv``) are arguments of the functions below.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# ---------------------------------------------------------------- the controller's side
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATES_DIR = REPO / "templates"
+FILES_DIR = REPO / "files"
+
+# ---------------------------------------------------------------- toolkit-owned host paths
+TOOLKIT_DIR = "/opt/llamahost"
+BIN_DIR = f"{TOOLKIT_DIR}/bin"
+HEALTH_SCRIPT = f"{BIN_DIR}/llama-wait-healthy"
+FETCH_SCRIPT = f"{BIN_DIR}/llama-fetch-model"
+BUILD_SCRIPT = f"{BIN_DIR}/llama-build"
+LOG_DIR = "/var/log/llamahost"
+DOWNLOAD_LOG = f"{LOG_DIR}/model-download.log"
+RUNTIME_DIR = "/run/llamahost"  # root-only, gone at reboot
+TOKEN_FILE = f"{RUNTIME_DIR}/hf-token"
+# Downloads that must survive a reboot (/tmp does not), so a rerun finds them.
+CACHE_DIR = "/var/cache/llamahost"
+
+# ---------------------------------------------------------------- systemd
+SYSTEMD_DIR = "/etc/systemd/system"
+UNIT = "llama-server.service"
+UNIT_PATH = f"{SYSTEMD_DIR}/{UNIT}"
+PERSISTENCED_UNIT = "nvidia-persistenced.service"
+PERSISTENCED_DROPIN = f"{SYSTEMD_DIR}/{PERSISTENCED_UNIT}.d/llamahost.conf"
+
+# ---------------------------------------------------------------- the GPU stack's files
+NOUVEAU_BLACKLIST = "/etc/modprobe.d/blacklist-nouveau.conf"
+# Files whose names sort first so that they win over the CUDA repository's pin file.
+CANONICAL_DRIVER_PIN = "/etc/apt/preferences.d/00-llamahost-nvidia-driver-from-canonical"
+
+# ---------------------------------------------------------------- monitoring, served hosts
+TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"  # Debian's node exporter default
+MODEL_FS_TEXTFILE = f"{TEXTFILE_DIR}/llamahost.prom"
+NODE_EXPORTER = "prometheus-node-exporter.service"
+NODE_EXPORTER_DEFAULTS = "/etc/default/prometheus-node-exporter"
+GPU_EXPORTER_PREFIX = f"{TOOLKIT_DIR}/nvidia-gpu-exporter"
+GPU_EXPORTER_UNIT = "nvidia-gpu-exporter.service"
+GPU_EXPORTER_UNIT_PATH = f"{SYSTEMD_DIR}/{GPU_EXPORTER_UNIT}"
+
+# ---------------------------------------------------------------- monitoring hosts
+PROMETHEUS = "prometheus.service"
+PROMETHEUS_DEFAULTS = "/etc/default/prometheus"
+PROMETHEUS_DIR = "/etc/prometheus"
+PROMETHEUS_CONFIG = f"{PROMETHEUS_DIR}/prometheus.yml"
+RULES_NAME = "llama-server.rules.yml"
+RULES_PATH = f"{PROMETHEUS_DIR}/rules/{RULES_NAME}"
+# The config refers to its rules by a relative path, so a staged copy is validated with the
+# staged rules and the live copy loads the live ones.
+RULES_REF = f"rules/{RULES_NAME}"
+STAGE_DIR = f"{PROMETHEUS_DIR}/llamahost/staged"
+KEYS_DIR = f"{PROMETHEUS_DIR}/llamahost/keys"
+RULES_FILE = FILES_DIR / "monitoring" / RULES_NAME
+DASHBOARD_FILE = FILES_DIR / "monitoring" / "llama-server-dashboard.json"
+
+
+# ---------------------------------------------------------------- paths a setting chooses
+def model_path(model_dir: str, repo: str, revision: str, file: str) -> str:
+    """Where a served file lives: one directory per repository and revision, so a change
+    of any of them is a new path (a new unit, a restart)."""
+    owner, name = repo.split("/")
+    return f"{model_dir}/{owner}--{name}/{revision}/{file}"
+
+
+def model_sidecar(path: str) -> str:
+    """The verification record the fetch script writes beside a verified model."""
+    return path + ".sha256"
+
+
+def cpp_archive(prefix: str, commit: str) -> str:
+    return f"{prefix}/src/llama.cpp-{commit}.tar.gz"
+
+
+def cpp_build_root(prefix: str, build_id: str) -> str:
+    return f"{prefix}/builds/{build_id}"
+
+
+def cpp_current(prefix: str) -> str:
+    return f"{prefix}/current"
+
+
+def server_binary(prefix: str) -> str:
+    """What the unit runs: the binary of the build `current` points at."""
+    return f"{cpp_current(prefix)}/bin/llama-server"
+
+
+def parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] or "/"

@@ -117,7 +117,8 @@ SETTINGS: tuple[Setting, ...] = (
         "model_lock",
         None,
         optional(pattern(r"[^\x00-\x1f\x7f]+\.lock\.json", "a path ending in .lock.json")),
-        "Controller path of the model lock; when set, hosts serve exactly what it pins.",
+        "Controller path of the model lock (relative: to the repository); when set, hosts "
+        "serve exactly what it pins.",
     ),
     Setting(
         "gpu_memory_mib",

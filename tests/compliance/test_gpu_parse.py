@@ -139,7 +139,8 @@ def test_a_cpu_build_lists_no_device() -> None:
 
 
 def test_output_without_a_device_list_is_refused() -> None:
-    # What a CUDA build prints without a usable driver (docs/facts.md, "llama.cpp at the pinned commit").
+    # What a CUDA build prints without a usable driver (docs/facts.md, "llama.cpp at the
+    # pinned commit").
     with pytest.raises(ValueError):
         gpu_parse.list_devices("CUDA driver version is insufficient for CUDA runtime version\n")
 

@@ -2,7 +2,8 @@
 
 debootstrap builds one minimal root filesystem (cached); each host is a copy of it booted
 with systemd-nspawn, sharing the machine's network, its sshd on its own loopback port, with
-its own host key (written to a known_hosts file) and root key. Recipe: docs/facts.md, "systemd-nspawn test hosts".
+its own host key (written to a known_hosts file) and root key. Recipe: docs/facts.md,
+"systemd-nspawn test hosts".
 
   python -m tests.support.testhost create NAME --ssh-port 2222
   python -m tests.support.testhost destroy NAME

@@ -103,9 +103,6 @@ GPU_SETTINGS: tuple[Setting, ...] = (
     ),
 )
 
-GPU_BY_KEY = {s.key: s for s in GPU_SETTINGS}
-GPU_KEYS = tuple(PREFIX + s.key for s in GPU_SETTINGS)
-
 
 @dataclass(frozen=True)
 class GpuSettings:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from llamahost.checks import (
-    PREFIX,
     Setting,
     either,
     http_url,
@@ -92,7 +91,6 @@ MONITORING_SETTINGS: tuple[Setting, ...] = (
         "when the inventory has a `monitoring` group.",
     ),
 )
-MONITORING_KEYS = tuple(PREFIX + s.key for s in MONITORING_SETTINGS)
 
 
 @dataclass(frozen=True)

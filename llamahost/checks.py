@@ -56,6 +56,19 @@ def integer(lo: int, hi: int) -> Check:
     return check
 
 
+def number(lo: float, hi: float, *, lo_open: bool = False) -> Check:
+    """A finite int or float in [lo, hi] (or (lo, hi] with lo_open)."""
+    left = "(" if lo_open else "["
+
+    def check(v: Any) -> float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
+        if not ok or not (lo < v if lo_open else lo <= v) or not v <= hi:
+            raise Invalid(f"must be a number in {left}{lo:g}, {hi:g}]")
+        return float(v)
+
+    return check
+
+
 def boolean(v: Any) -> bool:
     if not isinstance(v, bool):
         raise Invalid("must be true or false")

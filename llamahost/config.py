@@ -26,17 +26,135 @@ from llamahost.checks import (
     http_url,
     integer,
     listen_address,
+    number,
     optional,
     pattern,
     sha256_hex,
 )
-from llamahost.profiles import DEFAULT_PROFILE, PROFILES
+from llamahost.profiles import DEFAULT_PROFILE, PROFILES, SAMPLING_PRESETS
+
+# Flags the toolkit renders itself (llamahost.render.server_args), with their aliases at the
+# pinned llama.cpp (common/arg.cpp): an extra argument may not set them a second time.
+MANAGED_FLAGS = frozenset(
+    [
+        "-m",
+        "--model",
+        "-mu",
+        "--model-url",
+        "-hf",
+        "-hfr",
+        "--hf-repo",
+        "-hff",
+        "--hf-file",
+        "-a",
+        "--alias",
+        "--jinja",
+        "--no-jinja",
+        "--chat-template",
+        "--chat-template-file",
+        "--chat-template-kwargs",
+        "--host",
+        "--port",
+        "-fa",
+        "--flash-attn",
+        "-ngl",
+        "--gpu-layers",
+        "--n-gpu-layers",
+        "-dev",
+        "--device",
+        "--fit",
+        "-c",
+        "--ctx-size",
+        "-b",
+        "--batch-size",
+        "-ub",
+        "--ubatch-size",
+        "-ctk",
+        "--cache-type-k",
+        "-ctv",
+        "--cache-type-v",
+        "-np",
+        "--parallel",
+        "-kvu",
+        "--kv-unified",
+        "--cache-reuse",
+        "-t",
+        "--threads",
+        "--threads-http",
+        "--metrics",
+        "--slots",
+        "--no-slots",
+        "--temp",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--min-p",
+        "--repeat-last-n",
+        "--repeat-penalty",
+        "--reasoning-format",
+    ]
+)
+# Flags that would put a secret on the command line (readable in ps and the unit).
+SECRET_FLAGS = frozenset(["--api-key", "-hft", "--hf-token"])
+# Refused outright, each with its reason. --sleep-idle-seconds: /health stays 200 while
+# the model is unloaded, so health checks (a gateway's, the deploy's, the compliance
+# checks') would call a sleeping host ready.
+_AGENT = "the experimental MCP/agent tools act on the host's behalf: kept off"
+REFUSED_FLAGS = {
+    "--sleep-idle-seconds": "its /health answers 200 while the model is unloaded",
+    "--props": "POST /props would change the served settings behind the deploy's back",
+    "--embedding": "this toolkit serves the chat model; embeddings stay off",
+    "--embeddings": "this toolkit serves the chat model; embeddings stay off",
+    **dict.fromkeys(
+        [
+            "--tools",
+            "--tools-runtime",
+            "--mcp-servers-config",
+            "--mcp-servers-json",
+            "-ag",
+            "--agent",
+            "--ui-mcp-proxy",
+            "--webui-mcp-proxy",
+        ],
+        _AGENT,
+    ),
+}
 
 PINNED_LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
 PINNED_HF_HUB_VERSION = "2.4.0"
 
 # llama.cpp's accepted KV cache types (common/arg.cpp, kv_cache_types, at the pin).
 KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+
+
+def thinking_budget(v: Any) -> int:
+    # The model's trained budgets are multiples of 512 (its template reflects every
+    # 512-token interval or more); -1 and 0 are the template's "unlimited" and "none".
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, int)
+        or not (v in (-1, 0) or (0 < v <= 65536 and v % 512 == 0))
+    ):
+        raise Invalid(
+            "must be -1 (unlimited), 0 (answer directly) or a multiple of 512 up to 65536"
+        )
+    return v
+
+
+def server_extra_args(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, (list, tuple)) or not all(isinstance(a, str) for a in v):
+        raise Invalid("must be a list of strings, one argument each")
+    for a in v:
+        if not a or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in a):
+            raise Invalid(f"{a!r}: one argument per item, without control characters")
+        flag = a.split("=", 1)[0]
+        if flag in SECRET_FLAGS:
+            raise Invalid(f"{flag} puts a secret on the command line: use llama_api_key")
+        if flag in REFUSED_FLAGS:
+            raise Invalid(f"{flag} is refused: {REFUSED_FLAGS[flag]}")
+        if flag in MANAGED_FLAGS:
+            raise Invalid(f"{flag} is set by the toolkit: use its llama_* setting")
+    return tuple(v)
 
 
 # ---------------------------------------------------------------- the settings
@@ -89,6 +207,37 @@ SETTINGS: tuple[Setting, ...] = (
         "(`--no-jinja --chat-template seed_oss`).",
     ),
     Setting("fit", PROFILE, boolean, "`--fit`; off so a profile that does not fit fails."),
+    # Sampling: server defaults; a request's own values win.
+    Setting(
+        "sampling",
+        PROFILE,
+        choice(*SAMPLING_PRESETS),
+        "Sampling preset the six values below default to: `guide` (the tuning guide's) or "
+        "`authors` (the model authors': temperature 1.1, top-p 0.95, other samplers off).",
+    ),
+    Setting("temp", PROFILE, number(0, 5), "`--temp`: sampling temperature (0: greedy)."),
+    Setting("top_p", PROFILE, number(0, 1, lo_open=True), "`--top-p` (1.0: off)."),
+    Setting("top_k", PROFILE, integer(0, 1000), "`--top-k` (0: off)."),
+    Setting("min_p", PROFILE, number(0, 1), "`--min-p` (0.0: off)."),
+    Setting("repeat_last_n", PROFILE, integer(0, 65536), "`--repeat-last-n` (0: off)."),
+    Setting(
+        "repeat_penalty", PROFILE, number(0, 10, lo_open=True), "`--repeat-penalty` (1.0: off)."
+    ),
+    Setting(
+        "thinking_budget",
+        PROFILE,
+        thinking_budget,
+        "Seed-OSS thinking budget, a server-side template default "
+        '(`--chat-template-kwargs {"thinking_budget":N}`): -1 unlimited, 0 answer directly, '
+        "else a multiple of 512; a request's `chat_template_kwargs` overrides it.",
+    ),
+    Setting(
+        "reasoning_format",
+        PROFILE,
+        choice("auto", "none", "deepseek", "deepseek-legacy"),
+        "`--reasoning-format`: `auto` puts the thinking in `reasoning_content`; `none` "
+        "leaves it in `content`.",
+    ),
     # Model
     Setting(
         "model_repo",
@@ -215,6 +364,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("api_key_file", "/etc/llama-server/api-key", abs_path, "Key file on the host."),
     Setting(
+        "server_extra_args",
+        (),
+        server_extra_args,
+        "Further llama-server arguments, one token per item (e.g. `--rope-scaling`, "
+        "`yarn`); flags the toolkit sets, secrets and `--sleep-idle-seconds` are refused.",
+    ),
+    Setting(
         "start_timeout",
         1800,
         integer(30, 86400),
@@ -249,6 +405,15 @@ class Profile:
     slots: bool
     chat_template: str
     fit: bool
+    sampling: str
+    temp: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repeat_last_n: int
+    repeat_penalty: float
+    thinking_budget: int
+    reasoning_format: str
 
     @property
     def uses_gpu(self) -> bool:
@@ -285,6 +450,7 @@ class HostConfig:
     service_user: str
     api_key: str | None
     api_key_file: str
+    server_extra_args: tuple[str, ...]
     start_timeout: int
 
     @property
@@ -328,6 +494,15 @@ def cross_checks(p: dict[str, Any], c: dict[str, Any]) -> list[FieldError]:
                 "set llama_gpu_layers and llama_device together, or neither",
             )
         )
+    if p["thinking_budget"] != -1 and p["chat_template"] != "embedded":
+        errs.append(
+            FieldError(
+                PREFIX + "thinking_budget",
+                p["thinking_budget"],
+                "a thinking budget is a variable of the model's own (Jinja) template: set "
+                f"-1 with llama_chat_template {p['chat_template']!r}, or use 'embedded'",
+            )
+        )
     if c["cpp_source"] == "archive" and not c["cpp_archive"]:
         errs.append(
             FieldError(
@@ -355,6 +530,9 @@ def core_values(
 
     profile_name = get(BY_KEY["profile"], DEFAULT_PROFILE)
     base = PROFILES.get(profile_name or "")
+    preset = data.get(PREFIX + "sampling")
+    if base is not None and isinstance(preset, str) and preset in SAMPLING_PRESETS:
+        base = {**base, **SAMPLING_PRESETS[preset]}  # a bad preset is reported below
     if base is None:  # unknown profile, already reported: check only what is set
         prof = {k: get(BY_KEY[k], None) for k in PROFILE_KEYS if PREFIX + k in data}
     else:

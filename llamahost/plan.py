@@ -58,16 +58,21 @@ def _fits(e: Estimate, cfg: HostConfig, p: Profile) -> bool:
     return not p.uses_gpu or e.total_gpu <= cfg.gpu_memory_mib * MIB
 
 
+# Flags that extend the context past the trained length (given as extra arguments).
+ROPE_FLAGS = frozenset({"--rope-scaling", "--rope-scale", "--rope-freq-scale", "--yarn-orig-ctx"})
+
+
 def check_context(cfg: HostConfig, m: ModelShape) -> list[str]:
     """Refusals that need the model's metadata."""
     p = cfg.profile
     out = []
     seen = cells_per_slot(p.context, p.parallel, p.kv_unified)
-    if m.n_ctx_train and seen > m.n_ctx_train:
+    rope = any(a.split("=", 1)[0] in ROPE_FLAGS for a in cfg.server_extra_args)
+    if m.n_ctx_train and seen > m.n_ctx_train and not rope:
         out.append(
             f"llama_context = {p.context}: a slot would see {seen} tokens, more than the "
-            f"model's trained context ({m.n_ctx_train}); llama.cpp needs a RoPE scaling "
-            "setting for that, which this toolkit does not set"
+            f"model's trained context ({m.n_ctx_train}); that needs RoPE scaling, e.g. "
+            "llama_server_extra_args = ['--rope-scaling', 'yarn', '--rope-scale', 'N']"
         )
     for kind, dim in (("k", m.head_dim_k), ("v", m.head_dim_v)):
         t = getattr(p, f"kv_cache_type_{kind}")

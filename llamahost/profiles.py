@@ -18,6 +18,33 @@ from __future__ import annotations
 
 from typing import Any
 
+# Sampling defaults, as named presets (README, "Profiles"). "guide": the tuning guide's
+# section 3 server defaults for the Instruct model, the default: a conservative temperature
+# with a mild repetition guard suits a shared API whose clients may not set sampling. Its
+# top-k 60 and min-p 0.05 cut the long tail llama.cpp's own defaults (top-k 40, min-p 0.05,
+# no repetition penalty) leave slightly different. "authors": the model authors'
+# recommendation (temperature 1.1, top-p 0.95) with every other sampler off, for creative
+# and open-ended use. A client's own values in a request always win over these.
+SAMPLING_PRESETS: dict[str, dict[str, Any]] = {
+    "guide": {
+        "temp": 0.6,
+        "top_p": 0.95,
+        "top_k": 60,
+        "min_p": 0.05,
+        "repeat_last_n": 64,
+        "repeat_penalty": 1.05,
+    },
+    "authors": {
+        "temp": 1.1,
+        "top_p": 0.95,
+        "top_k": 0,
+        "min_p": 0.0,
+        "repeat_last_n": 64,
+        "repeat_penalty": 1.0,
+    },
+}
+DEFAULT_SAMPLING = "guide"
+
 # Shared by the guide's three GPU profiles (its "common to all" line).
 _GUIDE_COMMON: dict[str, Any] = {
     "alias": "seed-oss-36b-q5kx",
@@ -37,6 +64,11 @@ _GUIDE_COMMON: dict[str, Any] = {
     "kv_unified": False,
     "chat_template": "embedded",
     "fit": False,
+    "sampling": DEFAULT_SAMPLING,
+    **SAMPLING_PRESETS[DEFAULT_SAMPLING],
+    # llama.cpp's default: the Seed-OSS parser puts <seed:think> text in
+    # `reasoning_content` (the OpenAI SDK's shape), the answer in `content`.
+    "reasoning_format": "auto",
 }
 
 # Context sizes deliver what the guide promises each profile (README, "Profiles"): at the
@@ -46,7 +78,16 @@ _GUIDE_COMMON: dict[str, Any] = {
 PROFILES: dict[str, dict[str, Any]] = {
     # A: internal chatbot, short/medium requests, few users; time to first token first.
     # 16k guaranteed to each of 4 conversations: 4 x 16384 cells, split.
-    "low-latency": {**_GUIDE_COMMON, "context": 65536, "micro_batch": 1024, "parallel": 4},
+    # Thinking budget 0: answer directly; time to first answer token is this profile's
+    # promise, and at the A100's ~40 tokens/s decode a 512-token think is ~13 s. A client
+    # that wants reasoning sends chat_template_kwargs {"thinking_budget": N}.
+    "low-latency": {
+        **_GUIDE_COMMON,
+        "context": 65536,
+        "micro_batch": 1024,
+        "parallel": 4,
+        "thinking_budget": 0,
+    },
     # B: longer context and/or more concurrent slots. The guide's section 2 adds
     # --cache-reuse 1024 here (section 6 omits it); we keep it. One 64k pool shared by 8
     # slots: any conversation can grow past 32k; 8k each when all 8 are full.
@@ -57,6 +98,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "micro_batch": 2048,
         "parallel": 8,
         "cache_reuse": 1024,
+        # 2048 thinking tokens: bounded (under a minute of decode) yet enough for the
+        # multi-step questions a general-purpose endpoint gets.
+        "thinking_budget": 2048,
     },
     # C: 32k, stability first, when B runs out of VRAM under many users: the smaller -ub
     # of the guide and 6 slots over one 64k pool: two conversations at 32k at once.
@@ -66,6 +110,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "kv_unified": True,
         "micro_batch": 1024,
         "parallel": 6,
+        # Long documents: more room to reason over them, still bounded (the model's
+        # trained budgets go in steps of 512; unlimited can run for minutes).
+        "thinking_budget": 8192,
     },
     # Not in the guide: the same shape without GPU flags and with a small context, for
     # hosts without a GPU (the demo and the tests, with a tiny model).
@@ -78,6 +125,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "batch": 2048,
         "micro_batch": 512,
         "parallel": 2,
+        # Unlimited (the template's own default): the demo and tests see the template
+        # exactly as the model ships it.
+        "thinking_budget": -1,
     },
 }
 

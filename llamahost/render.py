@@ -71,8 +71,24 @@ def server_args(cfg: HostConfig, cpu_count: int) -> list[str]:
     if p.metrics:
         args += ["--metrics"]
     args += ["--slots" if p.slots else "--no-slots"]
+    args += ["--temp", _num(p.temp), "--top-p", _num(p.top_p), "--top-k", str(p.top_k)]
+    args += ["--min-p", _num(p.min_p), "--repeat-last-n", str(p.repeat_last_n)]
+    args += ["--repeat-penalty", _num(p.repeat_penalty)]
+    args += ["--reasoning-format", p.reasoning_format]
+    if p.thinking_budget != -1:
+        # A server-side default of the chat template's variables; a request's own
+        # chat_template_kwargs override it.
+        args += ["--chat-template-kwargs", template_kwargs(p)]
     args += ["--api-key-file", cfg.api_key_file]
-    return args
+    return [*args, *cfg.server_extra_args]
+
+
+def _num(v: float) -> str:
+    return f"{v:g}"
+
+
+def template_kwargs(p: Profile) -> str:
+    return json.dumps({"thinking_budget": p.thinking_budget}, separators=(",", ":"))
 
 
 _SAFE = re.compile(r"[A-Za-z0-9._:/,=+@\[\]-]+")

@@ -92,8 +92,13 @@ def _unknown_keys(data: Mapping[str, Any]) -> list[FieldError]:
         if not key.startswith(PREFIX) or key in known:
             continue
         # Close matches only, compared without the common prefix: "llama_prot" suggests
-        # llama_port; "llama_temp" suggests nothing rather than llama_fit.
-        near = difflib.get_close_matches(key[len(PREFIX) :], suffixes, n=1, cutoff=0.75)
+        # llama_port; "llama_temperature" (llama.cpp's long name) llama_temp; a key like
+        # "llama_distribution" suggests nothing rather than a misleading guess.
+        wrong = key[len(PREFIX) :]
+        near = (
+            difflib.get_close_matches(wrong, suffixes, n=1, cutoff=0.75)
+            or [s for s in suffixes if len(s) >= 4 and wrong.startswith(s)][:1]
+        )
         hint = f"; did you mean {PREFIX}{near[0]}?" if near else ""
         errors.append(FieldError(key, data[key], f"is not a known setting{hint} ({WHERE_LISTED})"))
     return errors

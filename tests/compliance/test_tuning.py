@@ -77,3 +77,30 @@ def test_model_is_memory_mapped_without_hugepages(server: Server, host: Any) -> 
     hugetlb = [m.split()[1] for m in mounts if len(m.split()) > 2 and m.split()[2] == "hugetlbfs"]
     on_hugepages = [line for line in maps.splitlines() if any(f" {d}/" in line for d in hugetlb)]
     assert not on_hugepages, f"llama-server maps hugetlbfs files: {on_hugepages[:3]}"
+
+
+def test_sampling_defaults_read_back_from_the_live_server(server: Server) -> None:
+    """The server's default sampling is the profile's (llama_sampling and its overrides).
+
+    /props default_generation_settings.params: temperature, top_k, top_p, min_p,
+    repeat_last_n, repeat_penalty, as the server applies them to a request that sets none.
+    Compared as float32, the type llama.cpp keeps them in.
+    """
+    p = server.cfg.profile
+    props = server.get("/props")
+    assert props.status == 200, f"/props answered {props.status}"
+    live = props.json()["default_generation_settings"]["params"]
+    expected = {
+        "temperature": p.temp,
+        "top_p": p.top_p,
+        "top_k": p.top_k,
+        "min_p": p.min_p,
+        "repeat_last_n": p.repeat_last_n,
+        "repeat_penalty": p.repeat_penalty,
+    }
+    wrong = {
+        k: (live.get(k), v)
+        for k, v in expected.items()
+        if live.get(k) is None or abs(float(live[k]) - v) > 1e-6 * max(1.0, abs(v))
+    }
+    assert not wrong, f"/props default sampling (live, expected) differs: {wrong}"

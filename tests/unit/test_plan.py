@@ -130,6 +130,13 @@ def test_context_beyond_training_without_rope_is_refused(tiny: ModelShape) -> No
     assert any("llama_context = 32768" in p and "trained context (8192)" in p for p in hp.problems)
 
 
+def test_context_beyond_training_with_rope_scaling_is_planned(tiny: ModelShape) -> None:
+    data = {"llama_profile": "cpu-demo", "llama_context": 32768, "llama_parallel": 1}
+    data["llama_server_extra_args"] = ["--rope-scaling", "yarn", "--rope-scale", "4"]
+    hp = plan_host(resolve_host("cpu-1", data), tiny, "header")
+    assert not [p for p in hp.problems if "trained context" in p]
+
+
 def test_unified_kv_shows_guarantee_and_reach() -> None:
     text = render(_host({"llama_profile": "balanced"}))
     assert "8192 tokens guaranteed, up to 65536" in text

@@ -23,6 +23,14 @@ GUIDE = {
     "--threads $(nproc) --threads-http -1 --metrics --slots",
 }
 
+# The guide's section 3 server defaults for the Instruct model, verbatim: every profile's
+# default sampling (the "guide" preset).
+GUIDE_SAMPLING = (
+    "--temp 0.6 --top-p 0.95 --top-k 60 --min-p 0.05 --repeat-last-n 64 --repeat-penalty 1.05"
+)
+# Ours, not the guide's (README, "Profiles"): each profile's thinking budget.
+THINKING = {"low-latency": 0, "balanced": 2048, "long-context": 8192}
+
 SWITCHES = {"--metrics", "--slots", "--jinja", "--no-jinja", "--kv-unified"}
 
 
@@ -63,6 +71,9 @@ def corrected(
     assert fixed["--threads"] == "$(nproc)"
     fixed["--threads"] = str(cpus)  # systemd does not run $(nproc)
     fixed["--api-key-file"] = keyfile  # the guide's own security advice, always on
+    fixed |= as_flags(shlex.split(GUIDE_SAMPLING))
+    fixed["--reasoning-format"] = "auto"  # llama.cpp's default, said explicitly
+    fixed["--chat-template-kwargs"] = f'{{"thinking_budget":{THINKING[profile]}}}'
     return fixed
 
 
@@ -79,7 +90,9 @@ def test_cpu_demo_has_the_same_shape_without_gpu_flags() -> None:
     flags = as_flags(server_args(cfg, cpu_count=2))
     assert "-ngl" not in flags and "--device" not in flags
     balanced = as_flags(server_args(resolve_host("gpu-1", {}).cfg, cpu_count=2))
-    assert set(flags) == set(balanced) - {"-ngl", "--device", "--cache-reuse", "--kv-unified"}
+    # cpu-demo's thinking budget is unlimited (-1): no template default is passed.
+    gpu_only = {"-ngl", "--device", "--cache-reuse", "--kv-unified", "--chat-template-kwargs"}
+    assert set(flags) == set(balanced) - gpu_only
     assert flags["-c"] == "4096" and flags["--parallel"] == "2"
 
 
@@ -93,7 +106,8 @@ def test_overrides_win_over_the_profile() -> None:
 
 
 def test_builtin_template_is_used_without_jinja() -> None:
-    cfg = resolve_host("h", {"llama_chat_template": "seed_oss"}).cfg
+    data = {"llama_chat_template": "seed_oss", "llama_thinking_budget": -1}
+    cfg = resolve_host("h", data).cfg
     flags = as_flags(server_args(cfg, cpu_count=8))
     assert flags["--chat-template"] == "seed_oss"
     assert "--no-jinja" in flags and "--jinja" not in flags

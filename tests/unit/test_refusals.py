@@ -24,7 +24,7 @@ from tasks import preflight
 REPO = Path(__file__).resolve().parents[2]
 CANDIDATES: tuple[Any, ...] = ("bad value\n", "x", -1)
 # Values users have written, each refused by name (the examples).
-EXTRA = [("driver_branch", "r580"), ("monitoring_retention", "15 days"), ("temp", 0.6)]
+EXTRA = [("driver_branch", "r580"), ("monitoring_retention", "15 days"), ("temperature", 0.6)]
 
 
 def _bad_value(check: Any) -> Any:
@@ -104,10 +104,13 @@ def test_plan_and_preflight_refuse_with_the_same_message(
 
 
 def test_unknown_keys_suggest_only_close_matches() -> None:
-    message, _ = _preflight("typos", {"llama_prot": 1, "llama_temp": 0.6, "llama_distribution": 1})
+    data = {"llama_prot": 1, "llama_temperature": 0.6, "llama_distribution": 1, "llama_colour": 1}
+    message, _ = _preflight("typos", data)
     (prot,) = _field_lines(message, "prot")
     assert "did you mean llama_port?" in prot
-    for key in ("temp", "distribution"):
+    (temperature,) = _field_lines(message, "temperature")
+    assert "did you mean llama_temp?" in temperature  # llama.cpp's long name for it
+    for key in ("distribution", "colour"):
         (line,) = _field_lines(message, key)
         assert "did you mean" not in line
         assert "is not a known setting" in line and "README.md, section Variables" in line

@@ -28,9 +28,11 @@ def render(data: dict[str, Any]) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
-def test_unit_is_byte_for_byte_what_the_previous_renderer_wrote(profile: str) -> None:
-    """Recorded with pyinfra's template renderer before the one environment replaced it
-    (cpu count 8): an upgrade of the toolkit alone rewrites no unit and restarts nothing."""
+def test_unit_is_the_recorded_text(profile: str) -> None:
+    """The recorded unit of each profile (cpu count 8). A change of the rendered unit
+    restarts every host at its next deploy, so it must show in review as a diff of these
+    files. First recorded with pyinfra's template renderer, before the one environment
+    replaced it (byte for byte the same), then with the sampling and thinking flags."""
     expected = (RENDERED / f"unit-{profile}.service").read_text()
     assert r.unit(resolve_host("h1", {"llama_profile": profile}), 8) == expected
 

@@ -5,9 +5,11 @@ Reads like the bring-up checklist; each step is one module in tasks/.
 
 from tasks import gpu, llama_cpp, model, monitoring, packages, preflight, service
 
-# 0. Inventory data valid (every setting, one spec per host), the distribution supported
-#    and the profile's memory planned (else the run stops before any change on any host).
+# 0. Inventory data valid (every setting, one spec per host), its paths free or already
+#    the toolkit's, the distribution supported and the profile's memory planned (else the
+#    run stops before any change on any host).
 spec = preflight.host_spec()
+preflight.paths_are_ours(spec)
 dist = preflight.distribution()
 cpus = preflight.cpu_count()
 cfg = spec.cfg

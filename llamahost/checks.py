@@ -129,6 +129,84 @@ abs_path = pattern(
     r"/(?!.*(?:^|/)\.\.(?:/|$))[A-Za-z0-9._+@/-]*",
     "an absolute path of letters, digits and ._+@/- (no '..')",
 )
+# Directories that belong to the system: a path setting may name a directory below them,
+# never one of them (the deploy would re-own or re-mode it), nor anything in the places
+# that any user can write to.
+SYSTEM_DIRS = frozenset(
+    [
+        "/",
+        "/bin",
+        "/boot",
+        "/dev",
+        "/etc",
+        "/home",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/media",
+        "/mnt",
+        "/opt",
+        "/proc",
+        "/root",
+        "/run",
+        "/sbin",
+        "/srv",
+        "/sys",
+        "/tmp",  # noqa: S108  (a name to refuse, not a file to use)
+        "/usr",
+        "/var",
+        "/usr/bin",
+        "/usr/lib",
+        "/usr/local",
+        "/usr/local/bin",
+        "/usr/local/lib",
+        "/usr/sbin",
+        "/usr/share",
+        "/var/cache",
+        "/var/lib",
+        "/var/log",
+        "/var/opt",
+        "/var/spool",
+        "/var/tmp",  # noqa: S108
+        "/etc/ssl",
+        "/etc/systemd",
+        "/etc/systemd/system",
+        "/etc/default",
+        "/run/user",
+        "/var/mail",
+        "/var/backups",
+    ]
+)
+SHARED_WRITABLE = ("/tmp", "/var/tmp", "/dev", "/run/user", "/proc", "/sys")  # noqa: S108
+
+
+def owned_dir(v: Any) -> str:
+    """A directory the toolkit creates and owns: absolute, no '..', not a system directory,
+    not in a place every user can write to."""
+    path = str(abs_path(v)).rstrip("/") or "/"
+    if path in SYSTEM_DIRS:
+        raise Invalid(
+            f"must be a directory of its own, not the system directory {path} (the deploy "
+            "sets its owner and mode), e.g. /var/lib/llama-models"
+        )
+    if any(path == d or path.startswith(d + "/") for d in SHARED_WRITABLE):
+        raise Invalid(f"must not be under {', '.join(SHARED_WRITABLE)}: other users write there")
+    return path
+
+
+def owned_file(v: Any) -> str:
+    """A file in a directory of its own (the deploy owns that directory too)."""
+    path = str(abs_path(v))
+    parent = path.rsplit("/", 1)[0] or "/"
+    if path.endswith("/") or parent in SYSTEM_DIRS:
+        raise Invalid(
+            f"must be a file in a directory of its own, not in the system directory {parent} "
+            "(the deploy sets the directory's owner and mode), e.g. /etc/llama-server/api-key"
+        )
+    owned_dir(parent)
+    return path
+
+
 http_url = pattern(r"https?://[A-Za-z0-9._~:/?#\[\]@!&'()*+,;=%{}-]+", "an http(s) URL")
 sha256_hex = pattern(r"[0-9a-f]{64}", "a sha256 in 64 lower-case hex digits")
 cmake_define = pattern(r"-D[A-Za-z0-9_]+(?::[A-Z]+)?=[A-Za-z0-9._;,+/-]*", "-DNAME=VALUE")

@@ -18,7 +18,6 @@ from llamahost.checks import (
     FieldError,
     Invalid,
     Setting,
-    abs_path,
     boolean,
     choice,
     cmake_args,
@@ -28,10 +27,18 @@ from llamahost.checks import (
     listen_address,
     number,
     optional,
+    owned_dir,
+    owned_file,
     pattern,
     sha256_hex,
 )
 from llamahost.profiles import DEFAULT_PROFILE, PROFILES, SAMPLING_PRESETS
+
+# The smallest context a conversation may be guaranteed (llama_context over
+# llama_parallel): Seed-OSS's chat template alone (its system line, a thinking-budget
+# instruction, a tool block) takes a few hundred tokens, so below 1024 a slot cannot hold
+# a short exchange; the guide's smallest profile gives 4096.
+MIN_SLOT_CONTEXT = 1024
 
 # Flags the toolkit renders itself (llamahost.render.server_args), with their aliases at the
 # pinned llama.cpp (common/arg.cpp): an extra argument may not set them a second time.
@@ -257,11 +264,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "model_revision",
         "main",
-        pattern(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", "a branch, tag or commit"),
+        pattern(
+            r"(?!.*\.\.)(?!.*\.lock$)(?!.*\.$)[A-Za-z0-9][A-Za-z0-9._-]{0,99}",
+            "a branch or tag name by git's rules (no '..', not ending in '.' or '.lock'; "
+            "no '/': one directory level) or a 40-digit commit",
+        ),
         "Revision to download; pin a commit for reproducible hosts.",
     ),
     Setting("model_sha256", None, optional(sha256_hex), "Expected sha256; checked when set."),
-    Setting("model_dir", "/var/lib/llama-models", abs_path, "Where models are stored."),
+    Setting("model_dir", "/var/lib/llama-models", owned_dir, "Where models are stored."),
     Setting(
         "model_lock",
         None,
@@ -308,7 +319,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Download in the background while the driver and llama.cpp build (the service start "
         "waits for it); false: download after the build.",
     ),
-    Setting("hf_venv", "/opt/llamahost/hf-venv", abs_path, "Venv with huggingface_hub."),
+    Setting("hf_venv", "/opt/llamahost/hf-venv", owned_dir, "Venv with huggingface_hub."),
     Setting(
         "hf_hub_version",
         PINNED_HF_HUB_VERSION,
@@ -342,7 +353,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("cpp_archive_sha256", None, optional(sha256_hex), "Expected sha256 of the archive."),
     Setting("cpp_cmake_args", (), cmake_args, "Extra CMake `-D` arguments."),
-    Setting("cpp_prefix", "/opt/llama.cpp", abs_path, "Source, builds and `current` link."),
+    Setting("cpp_prefix", "/opt/llama.cpp", owned_dir, "Source, builds and `current` link."),
     Setting(
         "cpp_build_jobs",
         "auto",
@@ -362,7 +373,12 @@ SETTINGS: tuple[Setting, ...] = (
         optional(pattern(r"[A-Za-z0-9._~+/=-]{16,256}", "16-256 of letters, digits and ._~+/=-")),
         "API key; generated on the host when unset. Read it from the environment.",
     ),
-    Setting("api_key_file", "/etc/llama-server/api-key", abs_path, "Key file on the host."),
+    Setting(
+        "api_key_file",
+        "/etc/llama-server/api-key",
+        owned_file,
+        "Key file on the host, in a directory of its own (0750 root:<service user>).",
+    ),
     Setting(
         "server_extra_args",
         (),
@@ -470,12 +486,15 @@ def cross_checks(p: dict[str, Any], c: dict[str, Any]) -> list[FieldError]:
                 f"must be at most llama_batch ({p['batch']})",
             )
         )
-    if p["parallel"] > p["context"]:
+    per_slot = p["context"] // p["parallel"]
+    if per_slot < MIN_SLOT_CONTEXT:
         errs.append(
             FieldError(
                 PREFIX + "parallel",
                 p["parallel"],
-                f"must be at most llama_context ({p['context']})",
+                f"gives each conversation {per_slot} tokens (llama_context {p['context']} over "
+                f"{p['parallel']} slots); at least {MIN_SLOT_CONTEXT} are needed: fewer slots "
+                "or a larger context",
             )
         )
     if p["kv_cache_type_v"] not in ("f32", "f16", "bf16") and p["flash_attn"] == "off":
@@ -503,6 +522,17 @@ def cross_checks(p: dict[str, Any], c: dict[str, Any]) -> list[FieldError]:
                 f"-1 with llama_chat_template {p['chat_template']!r}, or use 'embedded'",
             )
         )
+    key = c["api_key_file"]
+    for field in ("model_dir", "cpp_prefix", "hf_venv"):
+        if key.startswith(c[field].rstrip("/") + "/"):
+            errs.append(
+                FieldError(
+                    PREFIX + "api_key_file",
+                    key,
+                    f"must not be inside llama_{field} ({c[field]}): the key gets a "
+                    "directory of its own",
+                )
+            )
     if c["cpp_source"] == "archive" and not c["cpp_archive"]:
         errs.append(
             FieldError(

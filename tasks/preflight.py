@@ -7,8 +7,9 @@ here stops the whole run with no host changed.
 from pyinfra import logger
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.context import host
+from pyinfra.facts.files import Directory, File
 
-from llamahost import distro
+from llamahost import distro, layout
 from llamahost.checks import ConfigError
 from llamahost.monitoring.settings import GROUP
 from llamahost.plan import check_gpu_memory, plan_for, render
@@ -44,6 +45,32 @@ def host_spec() -> HostSpec:
     if hp.est is None:
         logger.warning(f"[{host.name}] no model metadata: memory not planned ({hp.shape_source})")
     return spec
+
+
+def paths_are_ours(spec: HostSpec) -> None:
+    """The directories whose owner and mode the deploy sets (the key's, the models') either
+    do not exist yet or are already root:<service user>: the deploy never takes over a
+    directory it did not create. The key file, if present, belongs to root."""
+    cfg = spec.cfg
+    user = cfg.service_user
+    for field, path in (
+        ("api_key_file", layout.parent(cfg.api_key_file)),
+        ("model_dir", cfg.model_dir),
+    ):
+        found = host.get_fact(Directory, path=path)
+        if found and (found["user"], found["group"]) != ("root", user):
+            raise refuse(
+                f"host {host.name!r}: llama_{field}: {path} exists, owned by "
+                f"{found['user']}:{found['group']}; the deploy would make it root:{user} "
+                "0750 and only does so for directories it creates: choose a path that does "
+                f"not exist yet, or chown root:{user} it yourself (nothing was changed)"
+            )
+    key = host.get_fact(File, path=cfg.api_key_file)
+    if key and key["user"] != "root":
+        raise refuse(
+            f"host {host.name!r}: llama_api_key_file: {cfg.api_key_file} exists, owned by "
+            f"{key['user']}, not root: not a key this toolkit wrote (nothing was changed)"
+        )
 
 
 def distribution() -> distro.Distribution:

@@ -24,13 +24,15 @@ import requests
 
 from tests.support import testhost
 from tests.support.hubserver import HubServer
-from tests.support.llama_src import archive
+from tests.support.llama_src import archive, seed_oss_template
 from tests.support.tinygguf import write as write_tiny
 
 REPO = testhost.REPO
 REPORTS = REPO / "reports"
 MODEL_REPO = "llamahost/tiny-seed-oss-GGUF"
 MODEL_FILE = "tiny-seed-oss.gguf"
+# The same tiny model with Seed-OSS's own chat template (tools, thinking budget).
+TOOLS_REPO = "llamahost/tiny-seed-oss-tools-GGUF"
 
 
 def free_port() -> int:
@@ -154,6 +156,8 @@ def tiny_hub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("hub")
     (root / MODEL_REPO).mkdir(parents=True)
     write_tiny(str(root / MODEL_REPO / MODEL_FILE))
+    (root / TOOLS_REPO).mkdir(parents=True)
+    write_tiny(str(root / TOOLS_REPO / MODEL_FILE), chat_template=seed_oss_template())
     return root
 
 

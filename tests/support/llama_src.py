@@ -11,6 +11,7 @@ import gzip
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -73,3 +74,16 @@ def archive() -> Path:
 
 if __name__ == "__main__":
     print(archive())
+
+
+SEED_OSS_TEMPLATE = "models/templates/ByteDance-Seed-OSS.jinja"
+
+
+def seed_oss_template() -> str:
+    """Seed-OSS's own chat template (tools, thinking budget), as llama.cpp's source at the
+    pinned commit carries it for its template tests; read from the archive, not committed."""
+    with tarfile.open(archive()) as tar:
+        (member,) = [m for m in tar.getmembers() if m.name.endswith("/" + SEED_OSS_TEMPLATE)]
+        f = tar.extractfile(member)
+        assert f is not None
+        return f.read().decode()

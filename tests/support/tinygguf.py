@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def write(path: str, seed: int = 0) -> None:
+def write(path: str, seed: int = 0, chat_template: str = CHAT_TEMPLATE) -> None:
     rng = np.random.default_rng(seed)
     arch = "seed_oss"
     w = gguf.GGUFWriter(path, arch)
@@ -56,7 +56,7 @@ def write(path: str, seed: int = 0) -> None:
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
     w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(chat_template)
 
     def t(name: str, *shape: int) -> None:
         w.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))

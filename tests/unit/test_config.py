@@ -22,7 +22,7 @@ BAD: list[tuple[dict[str, Any], str, str]] = [
     ({"llama_model_file": "Q5 K"}, "llama_model_file", "or a quantisation tag"),
     ({"llama_alias": "x\nExecStartPre=/bin/sh"}, "llama_alias", "1-128 of letters"),
     ({"llama_alias": "ok\n"}, "llama_alias", "1-128 of letters"),
-    ({"llama_model_revision": "main\nUser=root"}, "llama_model_revision", "a branch, tag"),
+    ({"llama_model_revision": "main\nUser=root"}, "llama_model_revision", "a branch or tag name"),
     ({"llama_model_dir": "/srv/m\n[Service]"}, "llama_model_dir", "an absolute path"),
     ({"llama_model_dir": "relative/dir"}, "llama_model_dir", "an absolute path"),
     ({"llama_model_dir": "/srv/../etc"}, "llama_model_dir", "no '..'"),
@@ -71,3 +71,56 @@ def test_model_path_is_per_repository_revision_and_file() -> None:
         "/var/lib/llama-models/unsloth--Seed-OSS-36B-Instruct-GGUF/abc123/"
         "Seed-OSS-36B-Instruct-UD-Q5_K_XL.gguf"
     )
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "allowed"),
+    [
+        (
+            {"llama_api_key_file": "/etc/passwd"},
+            "llama_api_key_file",
+            "not in the system directory /etc",
+        ),
+        ({"llama_api_key_file": "/etc/ssl/key"}, "llama_api_key_file", "system directory /etc/ssl"),
+        ({"llama_api_key_file": "/tmp/k/key"}, "llama_api_key_file", "other users write there"),
+        (
+            {"llama_api_key_file": "/var/lib/llama-models/key"},
+            "llama_api_key_file",
+            "must not be inside llama_model_dir",
+        ),
+        ({"llama_model_dir": "/"}, "llama_model_dir", "not the system directory /"),
+        ({"llama_model_dir": "/var/lib"}, "llama_model_dir", "not the system directory /var/lib"),
+        ({"llama_model_dir": "/dev/shm/m"}, "llama_model_dir", "other users write there"),
+        ({"llama_cpp_prefix": "/opt"}, "llama_cpp_prefix", "not the system directory /opt"),
+        ({"llama_hf_venv": "/usr"}, "llama_hf_venv", "not the system directory /usr"),
+        (
+            {"llama_parallel": 32, "llama_context": 4096},
+            "llama_parallel",
+            "gives each conversation 128 tokens",
+        ),
+        ({"llama_model_revision": "feature..x"}, "llama_model_revision", "git's rules"),
+        ({"llama_model_revision": "v1.lock"}, "llama_model_revision", "git's rules"),
+    ],
+)
+def test_paths_and_shapes_that_would_break_the_host_are_refused(
+    data: dict[str, Any], field: str, allowed: str
+) -> None:
+    with pytest.raises(ConfigError) as exc:
+        resolve_host("gpu-7", data)
+    (line,) = [ln for ln in str(exc.value).splitlines() if ln.strip().startswith(field + " =")]
+    assert allowed in line
+
+
+def test_paths_of_their_own_are_accepted() -> None:
+    cfg = resolve_host(
+        "h",
+        {
+            "llama_api_key_file": "/etc/llama/key",
+            "llama_model_dir": "/data/models",
+            "llama_cpp_prefix": "/opt/llama",
+            "llama_parallel": 4,
+            "llama_context": 4096,
+            "llama_model_revision": "refs-pr-3.v2",
+        },
+    ).cfg
+    assert cfg.model_dir == "/data/models" and cfg.api_key_file == "/etc/llama/key"

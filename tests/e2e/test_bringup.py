@@ -125,6 +125,11 @@ def test_builtin_template_renders_the_same_format(site: Site, deployed: Run) -> 
     )
     r = site.post("/apply-template", {"messages": CHAT["messages"]}, key=site.key())
     assert r.json()["prompt"] == SEED_OSS_PROMPT
+    # The built-in template has no tool format: the server refuses tools rather than guess
+    # (docs/serving.md, "Tools").
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    r = site.post("/v1/chat/completions", {**CHAT, "tools": [tool]}, key=site.key())
+    assert r.status_code >= 400 and "requires --jinja" in r.text, (r.status_code, r.text[:300])
 
 
 def test_failed_build_keeps_the_served_binary(site: Site, deployed: Run) -> None:

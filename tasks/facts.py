@@ -96,6 +96,36 @@ class DriverPackageStates(_Lines):
         return f"{HOLD_QUERY} {patterns} 2>/dev/null || true"
 
 
+class SecureBoot(FactBase[bool]):
+    """Whether Secure Boot is on: ``mokutil --sb-state``, else the EFI variable (its fifth
+    byte; the first four are the variable's attributes). Neither: legacy BIOS, off."""
+
+    def command(self) -> str:
+        return (
+            "mokutil --sb-state 2>/dev/null; "
+            f"f={gpu.SECURE_BOOT_EFIVAR}; "
+            '[ -r "$f" ] && echo "efivar $(od -An -tu1 -j4 -N1 "$f" | tr -d \' \')"; true'
+        )
+
+    def process(self, output: list[str]) -> bool:
+        return gpu.parse_secure_boot(output)
+
+
+class NvidiaModuleFile(_Lines):
+    """The nvidia module modprobe would load for the running kernel (DKMS's or a
+    package's), from ``modinfo``."""
+
+    def command(self) -> str:
+        return "modinfo nvidia 2>/dev/null | grep -E '^(filename|version):' || true"
+
+
+class NvidiaModulePackages(_Lines):
+    """Canonical's precompiled module packages in apt's lists (and installed ones)."""
+
+    def command(self) -> str:
+        return "apt-cache pkgnames linux-modules-nvidia- 2>/dev/null || true"
+
+
 class MachineId(_Lines):
     def command(self) -> str:
         return "cat /etc/machine-id 2>/dev/null || true"

@@ -8,7 +8,10 @@ only turns them into operations, in the order a fresh host needs them:
   persistence  the nvidia-persistenced drop-in, before the driver, so that the daemon the
                packages start already runs in persistence mode
   nouveau      blacklisted; the initramfs rebuilt only when the blacklist changed
-  driver       NVIDIA's pinning package first (NVIDIA's repository), then the driver, held
+  driver       NVIDIA's pinning package first (NVIDIA's repository), then the driver, held;
+               a driver that runs on the pinned branch and flavour is kept, another one
+               replaced in one apt transaction (unhold, install and purge, hold again);
+               DKMS under Secure Boot is refused before any change
   toolkit      cuda-toolkit-<version>, for the build only
   reboot       only when the driver changed or nouveau is loaded, never on the controller
   verify       nvidia-smi answers on the branch, persistence mode Enabled on every GPU
@@ -46,9 +49,12 @@ from tasks.facts import (
     LoadedKernelModules,
     MachineId,
     NvidiaDeviceNodes,
+    NvidiaModuleFile,
+    NvidiaModulePackages,
     NvidiaModuleVersion,
     NvidiaPci,
     NvidiaSmi,
+    SecureBoot,
 )
 from tasks.preflight import refuse
 
@@ -95,7 +101,26 @@ def install(
         repo_arch = cuda_repo_arch(name, host.get_fact(DebArch) or "")
         archs = gpu.architectures(name, conf, found)
         installed = host.get_fact(DebPackages)
-        plan = gpu.driver_plan(name, dist, conf, host.get_fact(KernelVersion) or "", installed)
+        kernel = host.get_fact(KernelVersion) or ""
+        # What runs decides: the loaded module, its kind, the packages' source and holds.
+        has = gpu.host_driver(
+            dist.ubuntu,
+            kernel,
+            installed,
+            gpu.parse_package_states(host.get_fact(DriverPackageStates)),
+            found.loaded,
+            gpu.parse_modinfo(host.get_fact(NvidiaModuleFile)),
+        )
+        plan = gpu.driver_plan(
+            name,
+            dist,
+            conf,
+            kernel,
+            installed,
+            found=has,
+            secure_boot=host.get_fact(SecureBoot),
+            available=host.get_fact(NvidiaModulePackages) if dist.ubuntu else None,
+        )
         decision = gpu.reboot_decision(
             found, plan, installed, conf, _target_is_controller(controller_machine_id)
         )
@@ -104,9 +129,13 @@ def install(
 
     logger.info(
         f"{host.print_prefix}GPU path: {len(found.pci)} NVIDIA GPU(s); driver {plan.branch} "
-        f"{plan.flavour} from {plan.source} ({plan.why}); CUDA {conf.cuda_version} "
-        f"for architectures {archs}"
+        f"{plan.flavour} from {plan.source} ({plan.kept or plan.why}); CUDA "
+        f"{conf.cuda_version} for architectures {archs}"
     )
+    if plan.remove:
+        logger.info(
+            f"{host.print_prefix}the installed driver is replaced: {', '.join(plan.remove)}"
+        )
     repository(dist, repo_arch, plan)
     dropin, blacklist = configuration()
     driver = driver_packages(plan)
@@ -210,16 +239,24 @@ def driver_packages(plan: gpu.DriverPlan) -> OperationMeta:
                 name=pin, packages=[plan.pinning], extra_install_args="--allow-change-held-packages"
             )
     stale = gpu.off_branch(plan, installed)
-    if stale:
-        # Shell: apt.packages sees these names installed and would change nothing; they
-        # are on another branch (NVIDIA's names carry none). Planned only in that case.
-        server.shell(
-            name=f"Move the driver to branch {plan.branch}",
-            commands=[
-                noninteractive_apt(
-                    "install --allow-change-held-packages --allow-downgrades " + " ".join(stale)
-                )
-            ],
+    if stale or plan.remove:
+        # One transaction for a move: holds released, the target installed (names that
+        # apt.packages would see as installed are on another branch: NVIDIA's carry
+        # none), the replaced packages purged ("name-"; a DKMS module left behind would
+        # load again), and the holds taken again whether or not apt succeeded.
+        # Pinning packages are left to the pin step (purged there with their hold).
+        holds = {p for p, h in _states().items() if h and not p.startswith(gpu.PINNING_PREFIX)}
+        held = sorted(holds | set(plan.unhold))
+        unhold = f"apt-mark unhold {' '.join(held)} && " if held else ""
+        names = list(plan.packages) if plan.remove else stale
+        apt_cmd = noninteractive_apt(
+            "install --purge --allow-change-held-packages --allow-downgrades "
+            + " ".join([*names, *(p + "-" for p in plan.remove)])
+        )
+        return server.shell(
+            name=f"Move the driver to branch {plan.branch} ({plan.flavour}, "
+            f"{plan.kernel_modules}, {plan.source})",
+            commands=[f"{unhold}{{ {apt_cmd}; rc=$?; {HOLD_COMMAND}; exit $rc; }}"],
         )
     driver = apt.packages(
         name=f"NVIDIA driver {plan.branch} ({plan.flavour}, {plan.kernel_modules})",
@@ -228,8 +265,7 @@ def driver_packages(plan: gpu.DriverPlan) -> OperationMeta:
         # upgrades still cannot.
         extra_install_args="--allow-change-held-packages",
     )
-    states = gpu.parse_package_states(host.get_fact(DriverPackageStates))
-    if gpu.hold_needed(states, plan):
+    if gpu.hold_needed(_states(), plan):
         server.shell(
             name="Hold the driver packages (no unattended driver/library mismatch)",
             commands=[HOLD_COMMAND],
@@ -315,6 +351,10 @@ def _verify(state: State, host: Host, branch: str, expected: int) -> None:
 
 
 # ---------------------------------------------------------------- helpers
+def _states() -> dict[str, bool]:
+    return gpu.parse_package_states(host.get_fact(DriverPackageStates))
+
+
 def _target_is_controller(controller_machine_id: str | None) -> bool:
     if issubclass(host.connector_cls, LocalConnector):
         return True

@@ -20,10 +20,12 @@ Sources of the package names and file contents (docs/gpu-stack.md):
 
 # The package's modules, one concern each: settings (rows and checks), host (what the host
 # says: lspci, nvidia-smi, modules), cuda (the build's architectures and flags), driver
-# (packages per distribution, pinning, holds), reboot (reboot and readiness). Their names
+# (packages per distribution, pinning, holds), current (the driver a host already has:
+# what runs, its source, what a move replaces), reboot (reboot and readiness). Their names
 # are re-exported here for callers that think of "the GPU stack" as one thing. The
 # supported distributions are llamahost.distro's, checked by the deploy's preflight.
 from llamahost.gpu.cuda import *  # noqa: F403
+from llamahost.gpu.current import *  # noqa: F403
 from llamahost.gpu.driver import *  # noqa: F403
 from llamahost.gpu.host import *  # noqa: F403
 from llamahost.gpu.reboot import *  # noqa: F403

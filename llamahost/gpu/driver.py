@@ -3,6 +3,7 @@ repository), flavour, precompiled modules or DKMS, NVIDIA's pinning package, and
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from typing import Any
 
 from llamahost.checks import PREFIX, ConfigError, FieldError
 from llamahost.distro import UBUNTU_GA_KERNEL, Distribution
+from llamahost.gpu.current import HostDriver, stale_packages
+from llamahost.gpu.host import GpuError
 from llamahost.gpu.settings import GpuSettings
 
 CUDA_KEYRING_VERSION = "1.1-1"
@@ -43,6 +46,11 @@ class DriverPlan:
     pinning: str | None  # installed first, alone (NVIDIA's repository)
     packages: tuple[str, ...]  # the driver, with kernel headers where DKMS builds
     why: str  # one line for the output: where the modules come from
+    # A move (another branch, flavour, kind of module or source): the installed packages
+    # purged in the transaction that installs ``packages``, and the holds released for it.
+    remove: tuple[str, ...] = ()
+    unhold: tuple[str, ...] = ()
+    kept: str | None = None  # why the driver that runs is kept as it is
 
 
 def kernel_flavour(kernel_release: str) -> str:
@@ -79,19 +87,85 @@ def _refuse(host: str, key: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(host, [FieldError(PREFIX + key, value, allowed)])
 
 
+SECURE_BOOT_HELP = (
+    "Under Secure Boot the kernel loads only signed modules, and a module DKMS builds is "
+    "signed with a key the firmware does not know. Nothing was changed. Either run a kernel "
+    "flavour for which Canonical publishes signed precompiled modules "
+    "(linux-modules-nvidia-{branch}-server[-open]-<ABI>: generic, aws, azure, gcp, ...; "
+    "apt-get update if the lists are old; the archive drops superseded kernels' modules, so "
+    "boot the newest kernel first), or disable Secure Boot in the firmware, or enroll "
+    "a machine-owner key by hand (mokutil --import /var/lib/shim-signed/mok/MOK.der, then a "
+    "reboot at the console) and install the driver once by hand: a DKMS driver that loads "
+    "is kept."
+)
+
+
 def driver_plan(
     host: str,
     dist: Distribution,
     settings: GpuSettings,
     kernel_release: str,
     installed: Iterable[str],
+    *,
+    found: HostDriver | None = None,
+    secure_boot: bool = False,
+    available: Iterable[str] | None = None,
 ) -> DriverPlan:
-    """The exact packages of the driver for this host."""
+    """The exact packages of the driver for this host.
+
+    ``found``: the driver the host has (what runs decides: a running driver of the pinned
+    branch and flavour from the chosen source is kept with its kind of module).
+    ``secure_boot``: DKMS is refused unless its module already runs. ``available``: the
+    ``linux-modules-nvidia-*`` names in apt's lists; precompiled modules need the running
+    kernel's exact ABI there (None: not known, the kernel metapackage decides).
+    """
     installed = list(installed)
     branch, flavour = settings.driver_branch, settings.driver_flavour
     source = settings.driver_source
     if source == "auto":
-        source = "canonical" if dist.ubuntu else "nvidia"
+        # A host on NVIDIA's repository stays there: Canonical's package of the same branch
+        # is usually older, and a switch is a downgrade and a reboot nobody asked for.
+        stays = dist.ubuntu and found is not None and found.source == "nvidia"
+        source = "canonical" if dist.ubuntu and not stays else "nvidia"
+    runs = (
+        found is not None
+        and found.running
+        and (found.source, found.branch, found.flavour) == (source, branch, flavour)
+    )
+    running_kind = found.kernel_modules if runs and found is not None else None
+    plan = _packages(
+        host, dist, settings, kernel_release, installed, source, running_kind, available
+    )
+    if secure_boot and plan.kernel_modules == "dkms" and running_kind != "dkms":
+        raise GpuError(
+            f"host {host!r}: Secure Boot is on and the driver would be built by DKMS "
+            f"({plan.why}). " + SECURE_BOOT_HELP.format(branch=branch)
+        )
+    if found is None or not found.packages:
+        return plan
+    remove = stale_packages(
+        dist.ubuntu, source, branch, flavour, plan.kernel_modules, found, plan.packages
+    )
+    kept = None
+    if runs and not remove and running_kind == plan.kernel_modules:
+        kept = (
+            f"the running driver {found.loaded.version if found.loaded else ''} is branch "
+            f"{branch} {flavour} from {source} ({plan.kernel_modules}): kept"
+        )
+    return dataclasses.replace(plan, remove=remove, unhold=found.held if remove else (), kept=kept)
+
+
+def _packages(
+    host: str,
+    dist: Distribution,
+    settings: GpuSettings,
+    kernel_release: str,
+    installed: list[str],
+    source: str,
+    running_kind: str | None,
+    available: Iterable[str] | None,
+) -> DriverPlan:
+    branch, flavour = settings.driver_branch, settings.driver_flavour
     if source == "canonical" and not dist.ubuntu:
         raise _refuse(
             host,
@@ -105,14 +179,31 @@ def driver_plan(
     if source == "canonical":
         meta = ubuntu_kernel_meta(dist.version_id, kernel_release, installed)
         modules = settings.driver_kernel_modules
-        if modules == "auto":
-            modules = "precompiled" if meta else "dkms"
         suffix = "-server-open" if open_ else "-server"
+        abi = f"linux-modules-nvidia-{branch}{suffix}-{kernel_release}"
+        # Precompiled modules load only on the kernel ABI they were built for: the running
+        # kernel's own package must be in apt's lists, whatever the metapackage says.
+        # (Lists not read: the metapackage decides, as ubuntu-drivers does.)
+        known = None if available is None else abi in set(available)
+        if modules == "auto":
+            # The kind that runs is kept; otherwise precompiled where they exist.
+            has = bool(meta) if known is None else known
+            modules = running_kind or ("precompiled" if has else "dkms")
+        elif modules == "precompiled" and known is False:
+            raise GpuError(
+                f"host {host!r}: llama_driver_kernel_modules is 'precompiled' but apt's lists "
+                f"have no {abi} for the running kernel {kernel_release}. Nothing was "
+                "changed. Run a kernel flavour Canonical builds NVIDIA modules for, or "
+                "apt-get update if the lists are old, or choose 'dkms' (not under Secure Boot)."
+            )
         utils = f"nvidia-utils-{branch}-server"  # nvidia-smi; no -open variant exists
         if modules == "precompiled":
             # The metapackage follows kernel updates; without one, the modules of the
             # running kernel's ABI (a rerun is needed after a kernel change).
             target = meta or kernel_release
+            # With the metapackage, the running ABI's own package too: the metapackage
+            # follows the archive's newest kernel, which may not be the one that boots.
+            own = (abi,) if meta and known else ()
             return DriverPlan(
                 source,
                 flavour,
@@ -121,6 +212,7 @@ def driver_plan(
                 None,
                 (
                     f"linux-modules-nvidia-{branch}{suffix}-{target}",
+                    *own,
                     f"nvidia-headless-no-dkms-{branch}{suffix}",
                     utils,
                 ),

@@ -46,12 +46,15 @@ def reboot_decision(
     missing = [p for p in driver if p not in installed]
     if missing:
         reasons.append("the driver is installed or changed (" + ", ".join(missing) + ")")
+    if plan.remove:
+        # Another branch, flavour, kind of module or source replaces the installed one.
+        reasons.append("the driver is replaced (" + ", ".join(plan.remove) + " removed)")
     stale = off_branch(plan, installed)
     if stale:
         reasons.append(f"the driver moves to branch {plan.branch} (" + ", ".join(stale) + ")")
     if found.nouveau_loaded:
         reasons.append("nouveau is loaded")
-    if not missing and not stale:
+    if not missing and not stale and not plan.remove:
         if found.smi.state == "mismatch":
             reasons.append("the loaded kernel module and the driver's user space differ")
         elif found.smi.state in ("no-driver", "absent") and found.has_gpu:

@@ -73,15 +73,18 @@ GPU_SETTINGS: tuple[Setting, ...] = (
         "driver_source",
         "auto",
         choice("auto", "canonical", "nvidia"),
-        "`auto`: Canonical's archive on Ubuntu, NVIDIA's CUDA repository on Debian; "
-        "`canonical` (Ubuntu only) or `nvidia` to choose.",
+        "`auto`: on Ubuntu the source of the driver already installed (a host on NVIDIA's "
+        "repository stays there), else Canonical's archive; NVIDIA's CUDA repository on "
+        "Debian. `canonical` (Ubuntu only) or `nvidia` to choose (a move, one reboot).",
     ),
     Setting(
         "driver_kernel_modules",
         "auto",
         choice("auto", "precompiled", "dkms"),
-        "`auto`: Canonical's precompiled signed modules where the kernel has them, else DKMS; "
-        "`precompiled` (Canonical only) or `dkms` to choose.",
+        "`auto`: the kind the running driver of the pinned branch uses, else Canonical's "
+        "precompiled signed modules where apt's lists have them for the running kernel's ABI, "
+        "else DKMS (refused under Secure Boot unless it already runs); `precompiled` "
+        "(Canonical only) or `dkms` to choose.",
     ),
     Setting(
         "cuda_version",

@@ -5,8 +5,9 @@ packages never reach the main end-to-end host) whose name resolution sends
 developer.download.nvidia.com to tests/support/fakenvidia.py: repository and keyring,
 pinning, driver packages and their holds, the nouveau blacklist and the initramfs step, the
 persistenced drop-in, and llama-server's unit ordered after nvidia-persistenced; then a
-rerun that changes nothing, a hold taken away that the next run puts back, and a move to
-branch 590 followed by a quiet rerun. Steps past the GPU stack are left out
+rerun that changes nothing, a hold taken away that the next run puts back, a move to
+branch 590 and a change to the proprietary flavour, each with the holds in place and
+followed by a quiet rerun. Steps past the GPU stack are left out
 (tests/e2e/gpu_stage.py says why).
 """
 
@@ -198,7 +199,7 @@ def test_moving_the_branch_replaces_the_held_packages_then_rests(
     assert run.rc == 0, run.output[-6000:]
     changed = run.changed_operations()
     assert "Pin the driver to branch 590" in changed
-    assert "Move the driver to branch 590" in changed
+    assert any(op.startswith("Move the driver to branch 590") for op in changed)
     installed = stack.versions()
     for name in DRIVER:
         assert installed.get(name) == fakenvidia.NEWER_BRANCH_VERSION, name
@@ -207,5 +208,31 @@ def test_moving_the_branch_replaces_the_held_packages_then_rests(
     assert stack.sh("ls /etc/apt/preferences.d").split() == ["nvidia-driver-pinning-590"]
     assert set(stack.sh("apt-mark showhold").split()) == {"nvidia-driver-pinning-590", *DRIVER}
     again = stack.run("llama_driver_branch=590")
+    assert again.rc == 0, again.output[-6000:]
+    assert again.changed_operations() == []
+
+
+def test_a_flavour_change_replaces_the_held_kernel_package_then_rests(
+    stack: GpuSite, first: Run
+) -> None:
+    # After the move to 590 (the test above), with every driver package held: the open
+    # kernel package is purged and the proprietary one installed in one transaction, and
+    # the holds are taken again.
+    data = ("llama_driver_branch=590", "llama_driver_flavour=proprietary")
+    run = stack.run(*data)
+    assert run.rc == 0, run.output[-6000:]
+    assert any(
+        op.startswith("Move the driver to branch 590 (proprietary")
+        for op in run.changed_operations()
+    )
+    installed = stack.versions()
+    assert "nvidia-kernel-open-dkms" not in installed
+    assert installed.get("nvidia-kernel-dkms") == fakenvidia.NEWER_BRANCH_VERSION
+    proprietary = {"nvidia-driver-cuda", "nvidia-kernel-dkms", "nvidia-persistenced"}
+    assert set(stack.sh("apt-mark showhold").split()) == {
+        "nvidia-driver-pinning-590",
+        *proprietary,
+    }
+    again = stack.run(*data)
     assert again.rc == 0, again.output[-6000:]
     assert again.changed_operations() == []

@@ -50,16 +50,44 @@ def fixture(name: str) -> str:
     return (FIXTURES / name).read_text()
 
 
+# Canonical's precompiled module packages that apt's lists offer (modelled: the names
+# follow Canonical's linux-restricted-modules scheme, ABI and flavour packages per branch).
+LRM_BRANCHES = ("535", "550", "570", "580", "590")
+
+
+def lrm_names(kernel: str, meta: str, abi: bool = True) -> list[str]:
+    """``apt-cache pkgnames linux-modules-nvidia-`` for a kernel: the flavour metapackages,
+    and the running kernel's ABI packages unless ``abi`` is False (a kernel Canonical
+    builds no NVIDIA modules for)."""
+    names = []
+    for branch in LRM_BRANCHES:
+        for variant in ("-server", "-server-open"):
+            names.append(f"linux-modules-nvidia-{branch}{variant}-{meta}")
+            if abi:
+                names.append(f"linux-modules-nvidia-{branch}{variant}-{kernel}")
+    return names
+
+
+KERNEL_META = {"ubuntu-22.04": "generic", "ubuntu-24.04": "aws"}
+
+
 @dataclass(frozen=True)
 class FakeHost:
     distro: str  # a KERNELS key
     gpu: bool = True
     nouveau: bool = False
-    driver: str = "none"  # none | current | mismatch
+    driver: str = "none"  # none | current | mismatch | foreign (a driver not ours: no
+    # keyring, pin, blacklist or drop-in; the packaged persistenced)
     persistence: bool = True  # with a current driver: persistence mode Enabled
     dropin: bool | None = None  # our drop-in installed (default: with a current driver
     # in persistence mode; a current driver without it is the packaged unit's state)
     machine_id: str = TARGET_ID
+    stack: str | None = None  # dpkg -l lines of the driver, instead of the gpu-stack fixture
+    loaded: str | None = None  # /proc/driver/nvidia/version, instead of the 580 open fixture
+    module_kind: str = "precompiled"  # where modinfo finds the nvidia module: or dkms
+    secure_boot: bool = False
+    abi_modules: bool = True  # apt's lists have precompiled modules for the running ABI
+    canonical_pin: bool = True  # with a current driver on Ubuntu: our pin against NVIDIA's
 
     @property
     def dropin_present(self) -> bool:
@@ -101,10 +129,18 @@ def responses(h: FakeHost) -> dict[Any, Any]:
     """The fake connector's answers: matchers in order, the first match wins."""
     ubuntu = h.distro.startswith("ubuntu")
     installed_stack = h.driver in ("current", "mismatch")
+    foreign = h.driver == "foreign"
     # An unsupported distribution is refused on its os-release alone.
     dpkg = "" if h.distro == "debian-11" else fixture(f"dpkg-l-{h.distro}-base.txt")
-    if installed_stack:
-        dpkg += fixture(f"dpkg-l-{h.distro}-gpu-stack.txt")
+    if installed_stack or foreign:
+        dpkg += h.stack if h.stack is not None else fixture(f"dpkg-l-{h.distro}-gpu-stack.txt")
+    if foreign:
+        # A driver installed by someone else: the cuda-keyring and toolkit are ours.
+        dpkg = "".join(
+            ln
+            for ln in dpkg.splitlines(True)
+            if " cuda-keyring " not in ln and " cuda-toolkit" not in ln
+        )
     r: dict[Any, Any] = {
         "os-release": fixture(f"os-release-{h.distro}.txt"),
         "lspci": fixture("lspci-nn-a100.txt") if h.gpu else "",
@@ -115,21 +151,44 @@ def responses(h: FakeHost) -> dict[Any, Any]:
         "/etc/machine-id": h.machine_id,
     }
     modules = "proc-modules-nouveau.txt" if h.nouveau else "proc-modules-plain.txt"
-    if h.gpu and h.driver == "current":
+    loaded = h.loaded or fixture("proc-driver-nvidia-version-580-open.txt")
+    version = re.search(r"  ([0-9.]+)  ", loaded)
+    assert version is not None
+    if h.gpu and h.driver in ("current", "foreign"):
         modules = "proc-modules-nvidia.txt"
-        r["/proc/driver/nvidia/version"] = fixture("proc-driver-nvidia-version-580-open.txt")
+        r["/proc/driver/nvidia/version"] = loaded
         r["ls -1d /dev/nvidia"] = fixture("dev-nvidia.txt")
+        # modinfo's view (modelled paths): DKMS installs under updates/dkms, Canonical's
+        # precompiled packages under kernel/.
+        kernel = KERNELS[h.distro]
+        where = "updates/dkms" if h.module_kind == "dkms" else "kernel/nvidia-srv"
+        r["modinfo nvidia"] = [
+            f"filename:       /lib/modules/{kernel}/{where}/nvidia.ko",
+            f"version:        {version[1]}",
+        ]
     r["/proc/modules"] = fixture(modules)
-    if installed_stack:
+    r["mokutil --sb-state"] = "SecureBoot enabled" if h.secure_boot else "SecureBoot disabled"
+    if ubuntu:
+        r["apt-cache pkgnames linux-modules-nvidia-"] = lrm_names(
+            KERNELS[h.distro], KERNEL_META[h.distro], h.abi_modules
+        )
+    if installed_stack or foreign:
         smi = {
             "current": (
                 "nvidia-smi-a100-persistence-on.txt"
                 if h.persistence
                 else "nvidia-smi-a100-persistence-off.txt"
             ),
+            "foreign": (
+                "nvidia-smi-a100-persistence-on.txt"
+                if h.persistence
+                else "nvidia-smi-a100-persistence-off.txt"
+            ),
             "mismatch": "nvidia-smi-mismatch.txt",
         }[h.driver]
-        r["nvidia-smi --query-gpu"] = fixture(smi) if h.gpu else fixture("nvidia-smi-no-driver.txt")
+        text = fixture(smi).replace("580.95.05", version[1])
+        r["nvidia-smi --query-gpu"] = text if h.gpu else fixture("nvidia-smi-no-driver.txt")
+    if installed_stack:
         keyring = f"{layout.CACHE_DIR}/{gpu.keyring_file()}"
         r[f"case {keyring} in"] = [" Package: cuda-keyring", " Version: 1.1-1"]
         r.update(_present_dir(layout.CACHE_DIR))
@@ -137,12 +196,13 @@ def responses(h: FakeHost) -> dict[Any, Any]:
             {re.compile(r"^! \(test -e " + re.escape(keyring) + " "): _stat(keyring, "-rw-r--r--")}
         )
         r.update(_present_file(layout.NOUVEAU_BLACKLIST, "files/gpu/blacklist-nouveau.conf"))
-        if ubuntu:
+        if ubuntu and h.canonical_pin:
             r.update(
                 _present_file(
                     layout.CANONICAL_DRIVER_PIN, "files/gpu/apt-preferences-driver-from-canonical"
                 )
             )
+    if installed_stack or foreign:
         running = "running" if h.gpu else "dead"
         r["--property SubState nvidia-persistenced.service"] = [
             "Id=nvidia-persistenced.service",
@@ -153,7 +213,7 @@ def responses(h: FakeHost) -> dict[Any, Any]:
         enabled = "enabled"
     else:
         # Ubuntu's packaged unit has no [Install] section: "static" until the drop-in.
-        enabled = "static" if installed_stack and ubuntu else "disabled"
+        enabled = "static" if (installed_stack or foreign) and ubuntu else "disabled"
     r["--property UnitFileState nvidia-persistenced.service"] = [
         "Id=nvidia-persistenced.service",
         f"UnitFileState={enabled}",

@@ -16,16 +16,19 @@ from tests.plan.fakehost import CONTROLLER_ID, KERNELS, REPO, FakeHost, Plan, pl
 DISTROS = ["ubuntu-22.04", "ubuntu-24.04", "debian-12"]
 
 # Ubuntu: Canonical's -server packages, open modules, precompiled for the kernel's
-# metapackage (generic on the 22.04 fixture, aws on the 24.04 one). Debian 12: NVIDIA's
-# repository, compute-only, DKMS with the running kernel's headers and their metapackage.
+# metapackage (generic on the 22.04 fixture, aws on the 24.04 one) and for the running ABI.
+# Debian 12: NVIDIA's repository, compute-only, DKMS with the running kernel's headers and
+# their metapackage.
 DRIVER = {
     "ubuntu-22.04": [
         "linux-modules-nvidia-580-server-open-generic",
+        f"linux-modules-nvidia-580-server-open-{KERNELS['ubuntu-22.04']}",
         "nvidia-headless-no-dkms-580-server-open",
         "nvidia-utils-580-server",
     ],
     "ubuntu-24.04": [
         "linux-modules-nvidia-580-server-open-aws",
+        f"linux-modules-nvidia-580-server-open-{KERNELS['ubuntu-24.04']}",
         "nvidia-headless-no-dkms-580-server-open",
         "nvidia-utils-580-server",
     ],
@@ -173,12 +176,15 @@ def test_moving_debian_to_another_branch_replaces_the_held_packages_and_reboots(
         "nvidia-driver-pinning-590 nvidia-driver-pinning-580-"
     )
     (move,) = p.commands("Move the driver to branch 590")
-    assert move.endswith(
-        "install --allow-change-held-packages --allow-downgrades "
-        "nvidia-driver-cuda nvidia-kernel-open-dkms nvidia-persistenced"
-    )
+    # Holds released, the same names moved to 590, the holds taken again, in one command.
+    assert move.startswith("apt-mark unhold libcuda1 libnvidia-ml1 nvidia-driver-cuda ")
+    assert (
+        "install --purge --allow-change-held-packages --allow-downgrades "
+        "nvidia-driver-cuda nvidia-kernel-open-dkms nvidia-persistenced; rc=$?; "
+    ) in move
+    assert move.endswith("xargs -r apt-mark hold; exit $rc; }")
     assert index(p, "Pin the driver") < index(p, "Move the driver") < index(p, REBOOT_OP)
-    assert p.has("Hold the driver packages")  # the new pinning package
+    assert not p.has("Hold the driver packages")  # the move's command holds again
     assert p.result.reboot is not None and p.result.reboot.reasons[0].startswith(
         "the driver moves to branch 590"
     )
@@ -230,6 +236,7 @@ def test_proprietary_flavour_and_other_architectures_reach_the_plan() -> None:
     )
     assert driver_packages(p) == [
         "linux-modules-nvidia-580-server-generic",
+        "linux-modules-nvidia-580-server-5.15.0-161-generic",
         "nvidia-headless-no-dkms-580-server",
         "nvidia-utils-580-server",
     ]

@@ -592,3 +592,126 @@ def test_unit_lines() -> None:
         "After=nvidia-persistenced.service",
         "Wants=nvidia-persistenced.service",
     )
+
+
+# ---------------------------------------------------------------- the driver a host has
+@pytest.mark.parametrize(
+    ("output", "on"),
+    [
+        (["SecureBoot enabled"], True),
+        (["SecureBoot disabled"], False),
+        (["SecureBoot disabled", "efivar 1"], False),  # mokutil's word wins
+        (["efivar 1"], True),
+        (["efivar 0"], False),
+        ([], False),  # neither: legacy BIOS
+    ],
+)
+def test_secure_boot_from_mokutil_or_the_efi_variable(output: list[str], on: bool) -> None:
+    assert gpu.parse_secure_boot(output) is on
+
+
+def test_module_kind_from_modinfo() -> None:
+    dkms = ["filename:       /lib/modules/6.8.0-45-generic/updates/dkms/nvidia.ko.zst"]
+    assert gpu.parse_modinfo(dkms) == "dkms"
+    lrm = ["filename:       /lib/modules/6.8.0-45-generic/kernel/nvidia-580srv/nvidia.ko"]
+    assert gpu.parse_modinfo([*lrm, "version:        580.95.05"]) == "precompiled"
+    assert gpu.parse_modinfo([]) is None
+
+
+def test_branch_in_name() -> None:
+    assert gpu.branch_in_name("libnvidia-compute-550-server") == "550"
+    assert gpu.branch_in_name("nvidia-firmware-580-server-580.95.05") == "580"
+    assert gpu.branch_in_name("linux-modules-nvidia-580-server-open-6.8.0-45-generic") == "580"
+    assert gpu.branch_in_name("libnvidia-cfg1-580") == "580"
+    assert gpu.branch_in_name("nvidia-driver-cuda") is None
+    assert not gpu.is_driver_package("nvidia-container-toolkit")
+    assert not gpu.is_driver_package("nvidia-driver-pinning-580")  # handled apart
+
+
+OPEN_580 = gpu.LoadedDriver("580.95.05", True)
+
+
+def test_installed_driver_source_kind_and_holds() -> None:
+    canonical = {
+        "libnvidia-compute-580-server": ["580.95.05-0ubuntu0.24.04.2"],
+        "nvidia-dkms-580-server-open": ["580.95.05-0ubuntu0.24.04.2"],
+        "linux-headers-6.8.0-45-generic": ["6.8.0-45.45"],
+    }
+    found = gpu.host_driver(
+        True, "6.8.0-45-generic", canonical, {"nvidia-dkms-580-server-open": True}, OPEN_580, None
+    )
+    assert (found.source, found.branch, found.flavour, found.kernel_modules) == (
+        "canonical",
+        "580",
+        "open",
+        "dkms",
+    )
+    assert found.packages == ("libnvidia-compute-580-server", "nvidia-dkms-580-server-open")
+    assert found.held == ("nvidia-dkms-580-server-open",)
+    nvidia = {
+        "cuda-drivers": ["580.105.08-0ubuntu1"],
+        "libnvidia-compute-580": ["580.105.08-0ubuntu1"],
+    }
+    assert gpu.host_driver(True, "6.8.0-45-generic", nvidia, {}, None, None).source == "nvidia"
+    # Same names, NVIDIA's version scheme and no NVIDIA-only name: still NVIDIA's.
+    bare = {"libnvidia-compute-580": ["580.105.08-0ubuntu1"]}
+    assert gpu.host_driver(True, "6.8.0-45-generic", bare, {}, None, None).branch == "580"
+    assert gpu.host_driver(True, "6.8.0-45-generic", bare, {}, None, None).source == "nvidia"
+    none = gpu.host_driver(True, "6.8.0-45-generic", {"cmake": ["3"]}, {}, None, None)
+    assert none.source is None and none.packages == ()
+
+
+def test_stale_packages_per_move() -> None:
+    installed = [
+        "libnvidia-compute-580-server",
+        "linux-modules-nvidia-580-server-open-generic",
+        "nvidia-dkms-580-server-open",
+        "nvidia-headless-580-server-open",
+        "nvidia-headless-no-dkms-580-server-open",
+    ]
+    found = gpu.HostDriver("canonical", "580", "open", "dkms", OPEN_580, tuple(installed), ())
+    # DKMS → precompiled: the DKMS packages only (headless-no-dkms is shared).
+    assert gpu.stale_packages(True, "canonical", "580", "open", "precompiled", found, []) == (
+        "nvidia-dkms-580-server-open",
+        "nvidia-headless-580-server-open",
+    )
+    # Open → proprietary: the open kernel-module packages.
+    assert gpu.stale_packages(True, "canonical", "580", "proprietary", "dkms", found, []) == (
+        "linux-modules-nvidia-580-server-open-generic",
+        "nvidia-dkms-580-server-open",
+        "nvidia-headless-580-server-open",
+        "nvidia-headless-no-dkms-580-server-open",
+    )
+    # Another branch: everything; another source: every -server package.
+    assert len(gpu.stale_packages(True, "canonical", "590", "open", "dkms", found, [])) == 5
+    assert len(gpu.stale_packages(True, "nvidia", "580", "open", "dkms", found, [])) == 5
+
+
+def test_a_running_driver_of_the_pinned_branch_is_kept_with_its_kind() -> None:
+    installed = ["linux-image-generic", "nvidia-headless-580-server-open"]
+    found = gpu.HostDriver(
+        "canonical", "580", "open", "dkms", OPEN_580, ("nvidia-headless-580-server-open",), ()
+    )
+    avail = ["linux-modules-nvidia-580-server-open-6.8.0-45-generic"]
+    p = gpu.driver_plan(
+        "gpu-7", UBUNTU_2404, settings(), "6.8.0-45-generic", installed, found=found,
+        available=avail,
+    )  # fmt: skip
+    assert p.kernel_modules == "dkms" and p.remove == () and p.kept
+    # Under Secure Boot too: the module loads, so its key is enrolled.
+    p = gpu.driver_plan(
+        "gpu-7", UBUNTU_2404, settings(), "6.8.0-45-generic", installed, found=found,
+        available=avail, secure_boot=True,
+    )  # fmt: skip
+    assert p.kept
+
+
+def test_secure_boot_refuses_a_dkms_plan_naming_what_to_do() -> None:
+    with pytest.raises(gpu.GpuError) as exc:
+        gpu.driver_plan(
+            "gpu-7", UBUNTU_2404, settings(), "6.8.0-45-generic", ["linux-image-generic"],
+            secure_boot=True, available=[],
+        )  # fmt: skip
+    message = str(exc.value)
+    assert message.startswith("host 'gpu-7': Secure Boot is on")
+    assert "Nothing was changed" in message and "mokutil --import" in message

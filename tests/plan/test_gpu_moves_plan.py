@@ -1,0 +1,341 @@
+"""Drivers a host already has, on Ubuntu 24.04: kept when what runs is the pinned branch and
+flavour from the chosen source, otherwise moved in one apt transaction (holds released,
+the old packages purged, the holds taken again) with one reboot; Secure Boot refusing DKMS
+before any change. Every planned transaction is handed to apt's own resolver (``apt-get
+-s``) over a modelled package universe (tests/plan/aptsim.py), and every converged host's
+rerun plans nothing.
+
+Host states (tests/plan/fixtures/README.md): ``dpkg -l`` lines *modelled* on what each
+installation leaves (Canonical's nvidia-driver-580-server-open with DKMS; Canonical's
+550-server-open precompiled; NVIDIA's cuda-drivers → nvidia-driver-580-open 580.105.08),
+loaded-module lines in /proc/driver/nvidia/version's format.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from pyinfra.api.exceptions import PyinfraError
+
+from llamahost import gpu
+from tests.plan import aptsim
+from tests.plan.fakehost import KERNELS, FakeHost, Plan, fixture, plan
+
+U = "ubuntu-24.04"
+K = KERNELS[U]  # 6.14.0-1015-aws, kernel metapackage linux-image-aws
+MOVE_OP = "Move the driver to branch"
+REBOOT_OP = "Reboot into the NVIDIA driver"
+HOLD_OP = "Hold the driver packages"
+APT = (
+    'DEBIAN_FRONTEND=noninteractive apt-get -y -o Dpkg::Options::="--force-confdef" '
+    '-o Dpkg::Options::="--force-confold" '
+)
+REHOLD = " ".join(
+    [
+        "; rc=$?;",
+        "dpkg-query -W -f='${db:Status-Abbrev} ${Package}\\n'",
+        *(f"'{p}'" for p in gpu.HOLD_PATTERNS),
+        "2>/dev/null | awk '$1 == \"ii\" {print $2}' | xargs -r apt-mark hold; exit $rc; }",
+    ]
+)
+CUDA_LINES = "".join(ln for ln in fixture(f"dpkg-l-{U}-gpu-stack.txt").splitlines(True)[:2])
+
+
+def canonical_set(branch: str, variant: str = "-server-open") -> list[str]:
+    return [
+        f"linux-modules-nvidia-{branch}{variant}-aws",
+        f"linux-modules-nvidia-{branch}{variant}-{K}",
+        f"nvidia-headless-no-dkms-{branch}{variant}",
+        f"nvidia-utils-{branch}-server",
+    ]
+
+
+def held(dpkg_lines: str) -> str:
+    """The same lines after this toolkit's hold (``hi`` for the held patterns)."""
+    out = []
+    for line in dpkg_lines.splitlines(True):
+        name = line.split()[1].split(":")[0] if len(line.split()) > 1 else ""
+        if line.startswith("ii ") and any(
+            re.fullmatch(p.replace("*", ".*"), name) for p in gpu.HOLD_PATTERNS
+        ):
+            line = "hi" + line[2:]
+        out.append(line)
+    return "".join(out)
+
+
+def names(dpkg_lines: str, held_only: bool = False) -> list[str]:
+    return sorted(
+        ln.split()[1].split(":")[0]
+        for ln in dpkg_lines.splitlines()
+        if ln.split()[:1] == ["hi"] or (not held_only and ln.split()[:1] == ["ii"])
+    )
+
+
+def foreign(stack: str, loaded: str, kind: str, **kw: object) -> FakeHost:
+    """A driver installed by someone else: not held, the packaged persistenced."""
+    return FakeHost(
+        U,
+        driver="foreign",
+        stack=stack,
+        loaded=loaded,
+        module_kind=kind,
+        persistence=False,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def converged(stack: str, loaded: str, kind: str, **kw: object) -> FakeHost:
+    """The same host after this toolkit's run: held, keyring, pin, blacklist, drop-in."""
+    return FakeHost(
+        U,
+        driver="current",
+        stack=CUDA_LINES + held(stack),
+        loaded=loaded,
+        module_kind=kind,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def move(p: Plan) -> str:
+    (op,) = [op for op in p.ops if op.name.startswith(MOVE_OP)]
+    (command,) = op.commands
+    return command
+
+
+def expected_move(install: list[str], remove: list[str], unhold: list[str]) -> str:
+    prefix = f"apt-mark unhold {' '.join(unhold)} && " if unhold else ""
+    return (
+        f"{prefix}{{ {APT}install --purge --allow-change-held-packages --allow-downgrades "
+        + " ".join([*install, *(r + "-" for r in remove)])
+        + REHOLD
+    )
+
+
+def reboots_once(p: Plan) -> None:
+    assert p.result.reboot is not None and p.result.reboot.will
+    assert len([n for n in p.changes if n.startswith(REBOOT_OP)]) == 1
+
+
+def accepted(tmp_path: Path, dpkg_lines: str, command: str) -> aptsim.Simulation:
+    sim = aptsim.simulate(tmp_path / "aptroot", dpkg_lines, command)
+    assert sim.rc == 0, sim.output
+    assert "held broken packages" not in sim.output
+    return sim
+
+
+DKMS_580 = fixture(f"dpkg-l-{U}-canonical-580-dkms.txt")
+C550 = fixture(f"dpkg-l-{U}-canonical-550-precompiled.txt")
+NV580 = fixture(f"dpkg-l-{U}-nvidia-580-open.txt")
+CURRENT_580 = fixture(f"dpkg-l-{U}-gpu-stack.txt")
+LOADED_580 = fixture("proc-driver-nvidia-version-580-open.txt")
+LOADED_550 = fixture("proc-driver-nvidia-version-550-open.txt")
+LOADED_580_NV = fixture("proc-driver-nvidia-version-580-105-open.txt")
+LOADED_580_PROP = fixture("proc-driver-nvidia-version-580-proprietary.txt")
+LOADED_590 = fixture("proc-driver-nvidia-version-590-open.txt")
+
+
+def base_and(stack: str) -> str:
+    return fixture(f"dpkg-l-{U}-base.txt") + stack
+
+
+# ---------------------------------------------------------------- same branch, DKMS
+@pytest.mark.parametrize("secure_boot", [False, True], ids=["sb-off", "sb-on-module-loads"])
+def test_same_branch_from_canonicals_dkms_is_kept(secure_boot: bool) -> None:
+    p = plan(foreign(DKMS_580, LOADED_580, "dkms", secure_boot=secure_boot))
+    assert not p.has(MOVE_OP)
+    # The DKMS set it runs is the plan: already installed, nothing to install.
+    assert p.commands("NVIDIA driver 580 (open, dkms)") == ()
+    decision = p.result.reboot
+    assert decision is not None and not decision.needed and not p.has(REBOOT_OP)
+    assert p.has(HOLD_OP) and "apt-mark hold" in p.commands(HOLD_OP)[0]
+    # What changes is ours only: repository, pin, blacklist, drop-in, holds, toolkit,
+    # persistence mode; no driver package.
+    assert p.changes == [
+        "Keep the driver on Canonical's packages (apt pin)",
+        "llamahost download cache",
+        "Download NVIDIA's cuda-keyring 1.1-1",
+        "NVIDIA's CUDA repository (ubuntu2404, cuda-keyring)",
+        "Update apt lists (repository or pin changed)",
+        "nvidia-persistenced in persistence mode (drop-in)",
+        "Reload systemd units (persistenced drop-in)",
+        "Blacklist nouveau",
+        "Rebuild the initramfs without nouveau",
+        "Hold the driver packages (no unattended driver/library mismatch)",
+        "CUDA toolkit 13.0 (for the build)",
+        "Restart nvidia-persistenced (drop-in changed or persistence mode off)",
+        "Verify: nvidia-smi on the driver branch, persistence mode Enabled on every GPU",
+    ]
+
+
+def test_same_branch_dkms_host_converged_plans_nothing() -> None:
+    p = plan(converged(DKMS_580, LOADED_580, "dkms"))
+    assert p.changes == []
+
+
+def test_same_branch_dkms_to_precompiled_on_request_migrates_fully_and_reboots_once(
+    tmp_path: Path,
+) -> None:
+    p = plan(foreign(DKMS_580, LOADED_580, "dkms"), {"llama_driver_kernel_modules": "precompiled"})
+    removed = [
+        "nvidia-dkms-580-server-open",
+        "nvidia-driver-580-server-open",
+        "nvidia-headless-580-server-open",
+        "nvidia-kernel-source-580-server-open",
+    ]
+    assert move(p) == expected_move(canonical_set("580"), removed, [])
+    reboots_once(p)
+    sim = accepted(tmp_path, base_and(DKMS_580), move(p))
+    assert sim.acts("Purg") == removed
+    assert "nvidia-dkms-580-server-open" not in sim.acts("Inst")
+    # After the reboot: the precompiled set, held, runs: nothing to do.
+    rerun = plan(FakeHost(U, driver="current"), {"llama_driver_kernel_modules": "precompiled"})
+    assert rerun.changes == []
+
+
+# ---------------------------------------------------------------- another branch
+@pytest.mark.parametrize("was_held", [False, True], ids=["unheld", "held-by-this-toolkit"])
+def test_another_canonical_branch_is_replaced_in_one_transaction(
+    tmp_path: Path, was_held: bool
+) -> None:
+    stack = held(C550) if was_held else C550
+    p = plan(foreign(stack, LOADED_550, "precompiled"))
+    old = names(C550)
+    unhold = names(stack, held_only=True)
+    assert bool(unhold) == was_held
+    assert move(p) == expected_move(canonical_set("580"), old, unhold)
+    assert not p.has(HOLD_OP)  # the move's command holds again, also when apt fails
+    reboots_once(p)
+    assert p.result.reboot is not None
+    assert any(r.startswith("the driver is replaced") for r in p.result.reboot.reasons)
+    sim = accepted(tmp_path, base_and(stack), move(p))
+    assert sim.acts("Purg") == old
+    assert set(canonical_set("580")) <= set(sim.acts("Inst"))
+    assert plan(FakeHost(U, driver="current")).changes == []  # the converged rerun
+
+
+def test_held_packages_without_the_unhold_are_what_apt_refuses(tmp_path: Path) -> None:
+    # Why the transaction releases the holds: the same install with the 550 packages still
+    # held, named only as dependencies that must go, is refused by apt's resolver.
+    command = f"{APT}install --allow-change-held-packages " + " ".join(canonical_set("580"))
+    sim = aptsim.simulate(tmp_path / "aptroot", base_and(held(C550)), command)
+    assert sim.rc != 0 and "held" in sim.output
+
+
+def test_canonical_580_to_590_moves_held_packages_and_reboots_once(tmp_path: Path) -> None:
+    p = plan(FakeHost(U, driver="current"), {"llama_driver_branch": "590"})
+    old = [n for n in names(CURRENT_580) if "580" in n]
+    unhold = [n for n in names(CURRENT_580, held_only=True)]
+    assert move(p) == expected_move(canonical_set("590"), old, unhold)
+    reboots_once(p)
+    sim = accepted(tmp_path, base_and(CURRENT_580), move(p))
+    assert sim.acts("Purg") == old
+    stack_590 = (
+        CURRENT_580.replace("580.95.05-0ubuntu0.24.04.2", "590.44.01-0ubuntu0.24.04.1")
+        .replace("580.95.05", "590.44.01")
+        .replace("580-", "590-")
+    )
+    rerun = plan(
+        converged(stack_590.split("\n", 2)[2], LOADED_590, "precompiled"),
+        {"llama_driver_branch": "590"},
+    )
+    assert rerun.changes == []
+
+
+def test_open_to_proprietary_moves_the_flavour_packages_only(tmp_path: Path) -> None:
+    p = plan(FakeHost(U, driver="current"), {"llama_driver_flavour": "proprietary"})
+    old = [
+        f"linux-modules-nvidia-580-server-open-{K}",
+        "linux-modules-nvidia-580-server-open-aws",
+        "nvidia-headless-no-dkms-580-server-open",
+    ]
+    unhold = names(CURRENT_580, held_only=True)
+    assert move(p) == expected_move(canonical_set("580", "-server"), old, unhold)
+    reboots_once(p)
+    sim = accepted(tmp_path, base_and(CURRENT_580), move(p))
+    assert sim.acts("Purg") == sorted(old)
+    # libnvidia-compute, nvidia-kernel-common, the firmware: shared by both flavours, kept.
+    assert "libnvidia-compute-580-server" not in sim.acts("Purg")
+    proprietary = CURRENT_580.replace("-server-open", "-server").split("\n", 2)[2]
+    rerun = plan(
+        converged(proprietary, LOADED_580_PROP, "precompiled"),
+        {"llama_driver_flavour": "proprietary"},
+    )
+    assert rerun.changes == []
+
+
+# ---------------------------------------------------------------- NVIDIA's repository
+@pytest.mark.parametrize("secure_boot", [False, True], ids=["sb-off", "sb-on-module-loads"])
+def test_nvidias_repository_driver_on_ubuntu_stays_there(tmp_path: Path, secure_boot: bool) -> None:
+    p = plan(foreign(NV580, LOADED_580_NV, "dkms", secure_boot=secure_boot))
+    assert not p.has(MOVE_OP) and not p.has(REBOOT_OP)
+    # No switch to Canonical's older 580.95.05: NVIDIA's branch pin, its packages kept.
+    assert not p.has("Keep the driver on Canonical's packages")
+    (pin,) = p.commands("Pin the driver to branch 580")
+    assert pin.endswith("install --allow-change-held-packages nvidia-driver-pinning-580")
+    accepted(tmp_path, base_and(NV580), pin)
+    assert p.commands("NVIDIA driver 580 (open, dkms)") == ()
+    assert p.has(HOLD_OP)
+    # Converged: pinned, held, no Canonical pin: nothing.
+    stack = NV580 + held(
+        "ii  nvidia-driver-pinning-580                 580.105.08-1                   all"
+        "          Pin NVIDIA driver packages to the 580 branch\n"
+    )
+    rerun = plan(converged(stack, LOADED_580_NV, "dkms", canonical_pin=False))
+    assert rerun.changes == []
+
+
+def test_nvidias_repository_to_canonical_only_when_asked(tmp_path: Path) -> None:
+    p = plan(foreign(NV580, LOADED_580_NV, "dkms"), {"llama_driver_source": "canonical"})
+    old = [n for n in names(NV580) if gpu.is_driver_package(n)]
+    assert move(p) == expected_move(canonical_set("580"), old, [])
+    reboots_once(p)
+    sim = accepted(tmp_path, base_and(NV580), move(p))
+    assert sim.acts("Purg") == old
+
+
+# ---------------------------------------------------------------- Secure Boot
+def test_secure_boot_with_precompiled_modules_for_the_running_abi(tmp_path: Path) -> None:
+    p = plan(FakeHost(U, secure_boot=True))
+    (command,) = p.commands("NVIDIA driver 580 (open, precompiled)")
+    assert command.endswith(
+        "install --allow-change-held-packages " + " ".join(canonical_set("580"))
+    )
+    reboots_once(p)
+    accepted(tmp_path, fixture(f"dpkg-l-{U}-base.txt"), command)
+    assert plan(FakeHost(U, driver="current", secure_boot=True)).changes == []
+
+
+@pytest.mark.parametrize(
+    ("host", "data"),
+    [
+        (FakeHost(U, secure_boot=True, abi_modules=False), {}),
+        (FakeHost(U, secure_boot=True), {"llama_driver_kernel_modules": "dkms"}),
+        (FakeHost(U, secure_boot=True), {"llama_driver_source": "nvidia"}),
+        (FakeHost(U, secure_boot=True, abi_modules=False), {"llama_driver_branch": "590"}),
+    ],
+    ids=["no-modules-for-the-abi", "dkms-asked", "nvidia-repository", "590-no-modules"],
+)
+def test_secure_boot_refuses_dkms_before_any_change(host: FakeHost, data: dict[str, str]) -> None:
+    with pytest.raises(PyinfraError) as exc:
+        plan(host, data)
+    message = str(exc.value)
+    assert "Secure Boot is on" in message and "Nothing was changed" in message
+    for remedy in ("kernel flavour", "disable Secure Boot", "mokutil --import"):
+        assert remedy in message
+
+
+def test_without_secure_boot_a_kernel_without_precompiled_modules_builds_with_dkms() -> None:
+    p = plan(FakeHost(U, abi_modules=False))
+    (command,) = p.commands("NVIDIA driver 580 (open, dkms)")
+    assert command.endswith(
+        "install --allow-change-held-packages nvidia-headless-580-server-open "
+        f"nvidia-utils-580-server linux-headers-{K}"  # linux-headers-aws: installed
+    )
+
+
+def test_precompiled_asked_for_a_kernel_without_them_is_refused() -> None:
+    with pytest.raises(PyinfraError) as exc:
+        plan(FakeHost(U, abi_modules=False), {"llama_driver_kernel_modules": "precompiled"})
+    assert f"no linux-modules-nvidia-580-server-open-{K}" in str(exc.value)

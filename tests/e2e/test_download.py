@@ -126,7 +126,11 @@ def test_too_small_a_filesystem_fails_before_the_transfer(site: Site, deployed: 
     downloads = site.hub.hub.full_downloads.get(key, 0)
     try:
         run = site.deploy(
-            "--data", "llama_model_dir=/srv/small", "--data", "llama_model_disk_margin_mib=0"
+            # A directory below the mount point: the toolkit takes over only what it creates.
+            "--data",
+            "llama_model_dir=/srv/small/models",
+            "--data",
+            "llama_model_disk_margin_mib=0",
         )
         assert run.rc != 0
         assert run.stopped_at().startswith("Download ")

@@ -26,9 +26,15 @@ download = model.start(cfg)
 stack = gpu.install(spec, dist)
 preflight.profile_matches_hardware(spec, stack.gpu, stack.memory_mib)
 
-# 4. llama.cpp built from the pinned commit (with CUDA for the GPU's architecture).
+# 4. llama.cpp from the pinned commit (with CUDA for the GPU's architecture): built by one
+#    host per build id, copied from the controller's cache to the others.
 binary = llama_cpp.build(
-    cfg, jobs=preflight.build_jobs(spec, cpus), gpu_cmake_args=stack.cmake_args
+    cfg,
+    dist,
+    jobs=preflight.build_jobs(spec, cpus),
+    gpu_cmake_args=stack.cmake_args,
+    check_devices=stack.gpu and stack.ready,
+    cuda_version=spec.gpu.cuda_version if stack.gpu else None,
 )
 
 # 5. The model downloaded and verified.

@@ -36,6 +36,9 @@ hosts = [
             # No internet beyond package registries: upload the source archive.
             "llama_cpp_source": "archive",
             "llama_cpp_archive": str(_CACHE / f"llama.cpp-{PINNED_LLAMA_CPP_COMMIT}.tar.gz"),
+            # Built trees cached per test host (removed with it), so that every fresh test
+            # host compiles as the tests expect; a real fleet shares .cache/builds.
+            "llama_cpp_build_cache": str(_HOST_DIR / "build-cache"),
             # The model lock (make lock INVENTORY=inventory/local.py), when one is wanted.
             "llama_model_lock": os.environ.get("LLAMAHOST_LOCAL_LOCK") or None,
             # A token for gated repositories comes from the environment, never from here.

@@ -1,8 +1,12 @@
 """python -m llamahost plan|lock INVENTORY
+   python -m llamahost builds list|prune [INVENTORY] [--cache DIR] [--keep N]
 
 plan: for every host of the inventory, what its profile needs and gives, and whether it
       fits (exit 1 when any host does not fit or is invalid).
 lock: resolve every host's model through the Hub API and write <inventory>.lock.json.
+builds: the controller's cache of built llama.cpp trees (docs/build.md): list them, or
+      prune all but the --keep most recently used; the cache is --cache, else those the
+      inventory's hosts use (llama_cpp_build_cache), else .cache/builds.
 
 The inventory is read by pyinfra itself (`pyinfra INVENTORY debug-inventory --json`, which
 connects to nothing), so groups and data merge exactly as in a deploy.
@@ -12,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 
+from llamahost import build as builds
 from llamahost import inventory as inv
 from llamahost import lock as locks
 from llamahost.plan import plan_for, render
@@ -69,7 +76,52 @@ def cmd_lock(inventory: str) -> int:
     return 0
 
 
+def cmd_builds(action: str, caches: list[Path], keep: int) -> int:
+    for cache in caches:
+        entries = builds.cache_entries(cache)
+        print(f"{cache}: {len(entries)} build(s)")
+        for e in entries:
+            i = e.info()
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used()))
+            size = e.archive.stat().st_size / 2**20
+            print(
+                f"  {e.build_id}  {size:8.1f} MiB  used {used}  "
+                f"{i.get('platform', '?')}  built by {i.get('built_by', '?')}"
+            )
+        if action == "prune":
+            for e in builds.cache_to_prune(entries, keep):
+                for f in e.files():
+                    f.unlink(missing_ok=True)
+                print(f"  removed {e.build_id}")
+    return 0
+
+
+def builds_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llamahost builds", description=__doc__)
+    ap.add_argument("action", choices=["list", "prune"])
+    ap.add_argument("inventory", nargs="?")
+    ap.add_argument("--cache", help="a cache directory (default: the inventory's)")
+    ap.add_argument("--keep", type=int, default=2, help="prune: how many to keep (2)")
+    a = ap.parse_args(argv)
+    if a.keep < 0:
+        ap.error("--keep must be 0 or more")
+    if a.cache:
+        caches = [builds.cache_dir(a.cache)]
+    elif a.inventory:
+        found, errors = specs(a.inventory, use_lock=False)
+        if errors:
+            print("\n".join(f"REFUSED {e}" for e in errors))
+            return 1
+        caches = sorted({builds.cache_dir(s.cfg.cpp_build_cache) for s in found})
+    else:
+        caches = [builds.cache_dir(None)]
+    return cmd_builds(a.action, caches, a.keep)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["builds"]:
+        return builds_main(argv[1:])
     ap = argparse.ArgumentParser(
         prog="python -m llamahost",
         description=__doc__,

@@ -360,6 +360,19 @@ SETTINGS: tuple[Setting, ...] = (
         either(choice("auto"), integer(1, 1024), "'auto' or 1-1024"),
         "Parallel build jobs; `auto` = online CPUs.",
     ),
+    Setting(
+        "cpp_build_cache",
+        None,
+        optional(pattern(r"[^\x00-\x1f\x7f]+", "a path")),
+        "Controller directory of built trees (relative: to the repository); unset: "
+        "`.cache/builds`.",
+    ),
+    Setting(
+        "cpp_prune_builds",
+        True,
+        boolean,
+        "Delete a host's build directories other than `current` and `previous`.",
+    ),
     # Service
     Setting(
         "service_user",
@@ -463,6 +476,8 @@ class HostConfig:
     cpp_cmake_args: tuple[str, ...]
     cpp_prefix: str
     cpp_build_jobs: int | str
+    cpp_build_cache: str | None
+    cpp_prune_builds: bool
     service_user: str
     api_key: str | None
     api_key_file: str

@@ -14,6 +14,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES_DIR = REPO / "templates"
 FILES_DIR = REPO / "files"
+# Built llama.cpp trees, one archive per build id, unless llama_cpp_build_cache says where.
+BUILD_CACHE = REPO / ".cache" / "builds"
 
 # ---------------------------------------------------------------- toolkit-owned host paths
 TOOLKIT_DIR = "/opt/llamahost"
@@ -83,11 +85,26 @@ def cpp_archive(prefix: str, commit: str) -> str:
 
 
 def cpp_build_root(prefix: str, build_id: str) -> str:
-    return f"{prefix}/builds/{build_id}"
+    return f"{cpp_builds(prefix)}/{build_id}"
 
 
 def cpp_current(prefix: str) -> str:
     return f"{prefix}/current"
+
+
+def cpp_previous(prefix: str) -> str:
+    """The build `current` pointed at before it last moved: kept for a rollback."""
+    return f"{prefix}/previous"
+
+
+def cpp_builds(prefix: str) -> str:
+    return f"{prefix}/builds"
+
+
+def cpp_incoming(prefix: str, archive_name: str) -> str:
+    """Where a pushed build archive lands (and the builder packs its own), removed once
+    unpacked or fetched."""
+    return f"{prefix}/incoming/{archive_name}"
 
 
 def server_binary(prefix: str) -> str:

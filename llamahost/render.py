@@ -1,5 +1,5 @@
 """Rendering: every file the deploy writes from a template, the llama-server command line,
-systemd quoting, the build identity.
+systemd quoting (the build identity is llamahost.build's).
 
 One Jinja environment renders every template under templates/ (the llama-server unit, the
 GPU exporter unit, prometheus.yml, /etc/default arguments); the tasks upload the text it
@@ -9,7 +9,6 @@ returns, and the unit tests and compliance checks call the same functions.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import re
 from typing import Any
@@ -19,23 +18,6 @@ import jinja2
 from llamahost import layout
 from llamahost.config import HostConfig, Profile
 from llamahost.spec import HostSpec
-
-# The targets the service needs; nothing else is compiled.
-BUILD_TARGETS = ("llama-server",)
-
-# A static build: one self-contained binary, swapped in with one symlink.
-BASE_CMAKE_ARGS = (
-    "-DCMAKE_BUILD_TYPE=Release",
-    "-DBUILD_SHARED_LIBS=OFF",
-    "-DLLAMA_CURL=OFF",
-    "-DLLAMA_OPENSSL=OFF",
-    "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_SERVER=ON",
-    # No -march=native: the binary must not depend on the CPU of the build's moment.
-    "-DGGML_NATIVE=OFF",
-)
-
 
 # How the host counts its online CPUs (`--threads auto`, the build's jobs): pyinfra's own
 # Cpus fact runs the same.
@@ -190,13 +172,3 @@ def gpu_exporter_unit(version: str, binary: str, args: list[str]) -> str:
 def default_args(args: str) -> str:
     """An /etc/default file of Debian's prometheus packages: ARGS="..."."""
     return template("monitoring/default-args.j2", args=args)
-
-
-def cmake_args(cfg: HostConfig, extra: tuple[str, ...] = ()) -> list[str]:
-    return [*BASE_CMAKE_ARGS, *extra, *cfg.cpp_cmake_args]
-
-
-def build_id(commit: str, cmake: list[str]) -> str:
-    """Names a build by what went into it: a new commit or new flags → a new build."""
-    h = hashlib.sha256("\n".join([commit, *BUILD_TARGETS, *cmake]).encode()).hexdigest()
-    return f"{commit[:12]}-{h[:12]}"

@@ -42,7 +42,7 @@ lint: venv
 
 unit: venv
 	$(BIN)/pytest -q tests/unit tests/plan tests/monitoring \
-		tests/compliance/test_gpu_parse.py tests/compliance/test_gpu_checks.py
+		tests/fetch tests/secrets tests/compliance/test_gpu_parse.py tests/compliance/test_gpu_checks.py
 
 e2e: sysdeps venv
 	$(BIN)/pytest -q tests/e2e

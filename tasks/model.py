@@ -12,7 +12,6 @@ driver and llama.cpp build; the service start waits for it (start() and finish()
 import shlex
 from dataclasses import dataclass
 from datetime import timezone
-from io import StringIO
 from typing import Any
 
 from pyinfra.api.exceptions import PyinfraError
@@ -24,6 +23,7 @@ from pyinfra.operations import files, pip, server
 from llamahost import controller_fetch, hub, layout
 from llamahost.config import HostConfig
 from llamahost.layout import DOWNLOAD_LOG, FETCH_SCRIPT, TOKEN_FILE
+from tasks import secret
 
 
 def verified_intact(cfg: HostConfig, stat: Any) -> bool:
@@ -143,16 +143,19 @@ def _title(cfg: HostConfig) -> str:
 
 def _place_token(cfg: HostConfig) -> None:
     """The token reaches the host as a root-only file that the fetch script reads and
-    deletes: never on a command line (pyinfra's _env would put it there), in a unit or in a
-    log, and never readable by the service user."""
+    deletes: never on a command line (pyinfra's _env would put it there), in a unit, a log
+    or pyinfra's output (not even with --diff or -vvv: tasks/secret.py), and never
+    readable by the service user."""
     token = hub.token(cfg)
     if not token:
         return
-    files.directory(name="Runtime directory", path=layout.RUNTIME_DIR, mode="0700")
-    files.put(
+    files.directory(
+        name="Runtime directory", path=layout.RUNTIME_DIR, user="root", group="root", mode="0700"
+    )
+    secret.file(
         name="Hub token for this download",
-        src=StringIO(token + "\n"),
-        dest=TOKEN_FILE,
+        path=TOKEN_FILE,
+        secret=secret.Secret(token),
         user="root",
         group="root",
         mode="0600",

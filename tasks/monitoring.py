@@ -19,10 +19,8 @@ from __future__ import annotations
 import re
 import shlex
 from io import StringIO
-from typing import Any
 
 from pyinfra import logger
-from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
 from pyinfra.api.command import StringCommand
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.host import Host
@@ -38,6 +36,7 @@ from llamahost.monitoring import exporters as ex
 from llamahost.monitoring import scrape
 from llamahost.monitoring.settings import GROUP, MonitoringConfig
 from llamahost.spec import HostSpec, inventory_specs
+from tasks import secret
 from tasks.activate import activate
 from tasks.facts import KeyDigest, MountPoint
 from tasks.preflight import refuse
@@ -204,11 +203,19 @@ def _credential(t: scrape.Target, spec: HostSpec) -> None:
     cfg = spec.cfg
     if cfg.api_key is not None:
         # The inventory supplies the key (e.g. from the controller's environment): the same
-        # bytes service.api_key writes on the served host.
-        files.put(
+        # bytes service.api_key writes on the served host, by the same path that never
+        # prints them (tasks/secret.py).
+        secret.file(
             name=f"API key of {t.host} for Prometheus (supplied)",
-            src=StringIO(cfg.api_key + "\n"),
-            dest=t.key_file,
+            path=t.key_file,
+            secret=secret.Secret(cfg.api_key),
+            user="root",
+            group="prometheus",
+            mode="0640",
+        )
+        files.file(
+            name=f"Credentials file for {t.host}",
+            path=t.key_file,
             user="root",
             group="prometheus",
             mode="0640",
@@ -244,14 +251,10 @@ def _credential(t: scrape.Target, spec: HostSpec) -> None:
         )
 
 
-def _connector_args(state: State, target: Host) -> dict[str, Any]:
-    """The connector arguments (sudo and the like) that target's data asks for."""
-    arguments, _ = pop_global_arguments(state, target, {})
-    return {k: v for k, v in arguments.items() if k in CONNECTOR_ARGUMENT_KEYS}
-
-
-def _copy_key(state: State, host: Host, served_name: str, src: str, dest: str) -> None:
-    """Runs while the run executes, on the monitoring host. Output off on both ends."""
+def _copy_key(state: State, host: Host, served_name: str, src: str, dest: str) -> bool:
+    """Runs while the run executes, on the monitoring host. Output off on both ends; the
+    key is written as tasks/secret.py writes any secret (never through pyinfra's upload,
+    whose sudo path leaves it world-readable in /tmp for a moment)."""
     served = state.inventory.get_host(served_name)
     if not served.connected:
         served.connect(reason="to read its API key", raise_exceptions=True)
@@ -259,20 +262,14 @@ def _copy_key(state: State, host: Host, served_name: str, src: str, dest: str) -
         StringCommand("cat", "--", src),
         print_output=False,
         print_input=state.print_input,
-        **_connector_args(state, served),
+        **secret.connector_args(state, served),
     )
     key = "".join(out.stdout_lines).strip() if ok else ""
     if not _KEY.fullmatch(key):
         raise PyinfraError(f"{served_name}: could not read an API key from {src}")
-    # The file exists already, 0640 root:prometheus: writing into it keeps its mode.
-    if not host.put_file(
-        StringIO(key + "\n"),
-        dest,
-        print_output=False,
-        print_input=state.print_input,
-        **_connector_args(state, host),
-    ):
-        raise PyinfraError(f"{host.name}: could not write {dest}")
+    return secret.write(
+        state, host, dest, secret.Secret(key), user="root", group="prometheus", mode="0640"
+    )
 
 
 def _configuration(mon: MonitoringConfig, targets: list[scrape.Target]) -> OperationMeta:

@@ -10,6 +10,7 @@ from pyinfra.operations import files, server
 from llamahost import layout, render
 from llamahost.config import HostConfig
 from llamahost.spec import HostSpec
+from tasks import secret
 from tasks.activate import activate
 
 
@@ -28,7 +29,8 @@ def account(cfg: HostConfig) -> None:
 
 
 def api_key(cfg: HostConfig) -> OperationMeta:
-    """Key file readable by root and the service group only. Its content is never printed."""
+    """Key file readable by root and the service group only. Its content is never printed,
+    in any mode (tasks/secret.py). Returns the operation that changes when the key does."""
     files.directory(
         name="Key directory",
         path=layout.parent(cfg.api_key_file),
@@ -37,14 +39,24 @@ def api_key(cfg: HostConfig) -> OperationMeta:
         mode="0750",
     )
     if cfg.api_key is not None:
-        return files.put(
+        written = secret.file(
             name="API key (supplied)",
-            src=StringIO(cfg.api_key + "\n"),
-            dest=cfg.api_key_file,
+            path=cfg.api_key_file,
+            secret=secret.Secret(cfg.api_key),
             user="root",
             group=cfg.service_user,
             mode="0640",
         )
+        # A mode or owner changed by hand is put back without a restart: only a new key
+        # restarts the server.
+        files.file(
+            name="API key file mode and owner",
+            path=cfg.api_key_file,
+            user="root",
+            group=cfg.service_user,
+            mode="0640",
+        )
+        return written
     if not host.get_fact(File, path=cfg.api_key_file):
         # Shell because the key must be made on the host and never pass through pyinfra's
         # output: 48 random alphanumerics, created 0600 and renamed into place.

@@ -7,6 +7,10 @@ files laid out as ROOT/<owner>/<name>/<file> at one commit per repository, and a
   POST     /api/models/<owner>/<name>/paths-info/<revision>
   GET      /api/models/<owner>/<name>/revision/<revision>
 
+Tests inject faults through the Hub object: a connection closed after N bytes (K times),
+flipped bytes, a required token, a paced link, a redirect of the bytes to a stand-in CDN
+(another host name, where `?cdn=1` plays the signed URL); HubServer(tls=...) serves HTTPS.
+
 Run standalone: python -m tests.support.hubserver ROOT --port N
 """
 
@@ -17,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import ssl
 import sys
 import threading
 import time
@@ -45,13 +50,32 @@ class Hub:
         self.served_bytes: dict[str, int] = {}
         # Whole-file GETs (a download), as opposed to Range reads (a header, a resume).
         self.full_downloads: dict[str, int] = {}
-        self.drop_after: dict[str, int] = {}  # close the connection after N bytes, once
+        self.drop_after: dict[str, int] = {}  # close the connection after N bytes, once...
+        self.drop_times: dict[str, int] = {}  # ...or this many times (one per GET)
+        # Send GETs of these files to "the CDN": a redirect to the same server under
+        # another host name (localhost), which refuses an Authorization header, as a
+        # signed CDN URL does; counts the requests that carried one anyway.
+        self.cdn: set[str] = set()
+        self.cdn_auth_refused = 0
+        self.scheme = "http"
+        self._lock = threading.Lock()
         self.corrupt: set[str] = set()  # serve the bytes with one flipped
         self.tokens: dict[str, str] = {}  # owner -> the bearer token its repos require
         self.rate: float | None = None  # bytes per second per connection, to interrupt
         # Bytes per second for whole-file GETs only (a slow link for the download, while the
         # plan's header reads stay fast).
         self.full_rate: float | None = None
+
+    def take_drop(self, key: str) -> int | None:
+        """The byte count after which this GET's connection is closed, if one is due."""
+        with self._lock:
+            if key not in self.drop_after:
+                return None
+            left = self.drop_times.pop(key, 1) - 1
+            if left > 0:
+                self.drop_times[key] = left
+                return self.drop_after[key]
+            return self.drop_after.pop(key)
 
     def repo_dir(self, owner: str, name: str) -> Path | None:
         d = self.root / owner / name
@@ -121,11 +145,26 @@ def make_handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
 
         def _resolve(self, head: bool) -> None:
-            m = _RESOLVE.match(urllib.parse.unquote(self.path.split("?")[0]))
+            path, _, query = self.path.partition("?")
+            m = _RESOLVE.match(urllib.parse.unquote(path))
             if not m:
                 return self._not_found("no such route")
             owner, name, revision, rel = m.groups()
-            if not self._authorised(owner):
+            cdn = query == "cdn=1"
+            if cdn and self.headers.get("Authorization"):
+                hub.cdn_auth_refused += 1
+                self.send_response(400)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if not cdn and not self._authorised(owner):
+                return
+            if not head and not cdn and f"{owner}/{name}/{rel}" in hub.cdn:
+                port = self.headers.get("Host", "").rpartition(":")[2]
+                self.send_response(302)
+                self.send_header("Location", f"{hub.scheme}://localhost:{port}{path}?cdn=1")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
                 return
             repo = hub.repo_dir(owner, name)
             if repo is None:
@@ -176,7 +215,7 @@ def make_handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             key = f"{owner}/{name}/{rel}"
             if status == 200:
                 hub.full_downloads[key] = hub.full_downloads.get(key, 0) + 1
-            drop = hub.drop_after.pop(key, None)
+            drop = hub.take_drop(key)
             with (repo / rel).open("rb") as f:
                 f.seek(start)
                 left, sent = length, 0
@@ -267,13 +306,21 @@ class _Server(ThreadingHTTPServer):
 
 
 class HubServer:
-    """Threaded server on 127.0.0.1; use as a context manager or start()/stop()."""
+    """Threaded server on 127.0.0.1; use as a context manager or start()/stop().
 
-    def __init__(self, root: Path, port: int = 0):
+    tls: (certificate, key) files: HTTPS, as the real Hub (the client must trust the
+    certificate, e.g. through SSL_CERT_FILE)."""
+
+    def __init__(self, root: Path, port: int = 0, tls: tuple[Path, Path] | None = None):
         self.hub = Hub(Path(root))
         self.httpd = _Server(("127.0.0.1", port), make_handler(self.hub))
         self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            self.hub.scheme = "https"
+        self.url = f"{self.hub.scheme}://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def start(self) -> HubServer:

@@ -5,11 +5,18 @@ BIN := $(VENV)/bin
 INVENTORY ?= inventory/prod.py
 # debootstrap + systemd-nspawn make the local test host; ssh reaches it; prometheus brings
 # promtool for the rules tests (this image's policy-rc.d keeps the daemon from starting);
-# gnupg and openssl sign and serve the stand-in NVIDIA repository (tests/support/fakenvidia.py).
+# gnupg and openssl sign and serve the stand-in NVIDIA repository (tests/support/fakenvidia.py);
+# haproxy checks the gateway configuration the unit tests render (haproxy -c).
 SYSTEM_PACKAGES := debootstrap systemd-container openssh-client curl ca-certificates prometheus \
-	gnupg openssl
+	gnupg openssl haproxy
 
-.PHONY: help sysdeps venv lint unit e2e test demo demo-destroy plan lock test-cuda-build compliance
+# The load generator of `make bench`, in its own environment: aiperf's pins (huggingface-hub
+# < 2) conflict with ours, so it cannot be an extra of this package. Pinned in one place.
+BENCH_VENV := .cache/bench-venv
+AIPERF_VERSION := $(shell sed -n 's/^AIPERF_VERSION = "\(.*\)"/\1/p' llamahost/bench/__init__.py)
+
+.PHONY: help sysdeps venv lint unit e2e test demo demo-destroy plan lock test-cuda-build compliance \
+	bench-venv bench
 
 help:
 	@echo "make demo          bring up the local Debian 12 host serving llama-server (tiny model)"
@@ -20,6 +27,7 @@ help:
 	@echo "make compliance INVENTORY=...  the bring-up checklist asserted on every host (testinfra)"
 	@echo "make plan INVENTORY=...  memory fit, per-conversation context, command line per host"
 	@echo "make lock INVENTORY=...  pin each host's model (file, commit, sha256) in <inventory>.lock.json"
+	@echo "make bench INVENTORY=...  concurrency sweep with aiperf per host: JSON, CSV, PNG, summary"
 	@echo "production:        pyinfra $(INVENTORY) deploy.py"
 
 sysdeps:
@@ -44,10 +52,16 @@ unit: venv
 	$(BIN)/pytest -q tests/unit tests/plan tests/monitoring \
 		tests/fetch tests/secrets tests/compliance/test_gpu_parse.py tests/compliance/test_gpu_checks.py
 
-e2e: sysdeps venv
+bench-venv: $(BENCH_VENV)/.installed-$(AIPERF_VERSION)
+$(BENCH_VENV)/.installed-$(AIPERF_VERSION): llamahost/bench/__init__.py
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q 'aiperf==$(AIPERF_VERSION)'
+	touch $@
+
+e2e: sysdeps venv bench-venv
 	$(BIN)/pytest -q tests/e2e
 
-test: sysdeps venv lint
+test: sysdeps venv bench-venv lint
 	$(BIN)/pytest -q --junitxml=reports/junit.xml
 
 test-cuda-build: venv
@@ -61,6 +75,9 @@ plan: venv
 
 lock: venv
 	$(BIN)/python -m llamahost lock $(INVENTORY)
+
+bench: venv bench-venv
+	$(BIN)/python -m llamahost bench $(INVENTORY) $(if $(LIMIT),--limit $(LIMIT))
 
 demo: sysdeps venv
 	$(BIN)/python -m tests.support.demo up

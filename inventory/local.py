@@ -16,6 +16,15 @@ _NAME = os.environ.get("LLAMAHOST_LOCAL_HOST", "demo")
 _HOST_DIR = _CACHE / "hosts" / _NAME
 # LLAMAHOST_LOCAL_MONITORING=1 puts the host in group `monitoring`: it runs Prometheus too.
 _MONITORING = os.environ.get("LLAMAHOST_LOCAL_MONITORING") == "1"
+# LLAMAHOST_LOCAL_SSH_USER=admin logs in as the host's unprivileged user with its own key
+# and runs everything through sudo, as inventory/prod.py reaches a cloud image; unset (or
+# root): root over SSH.
+_USER = os.environ.get("LLAMAHOST_LOCAL_SSH_USER") or "root"
+_LOGIN = (
+    {"ssh_user": "root", "ssh_key": str(_HOST_DIR / "id_ed25519")}
+    if _USER == "root"
+    else {"ssh_user": _USER, "ssh_key": str(_HOST_DIR / f"{_USER}_ed25519"), "_sudo": True}
+)
 
 hosts = [
     (
@@ -23,8 +32,7 @@ hosts = [
         {
             "ssh_hostname": "127.0.0.1",
             "ssh_port": int(os.environ.get("LLAMAHOST_LOCAL_SSH_PORT", "2222")),
-            "ssh_user": "root",
-            "ssh_key": str(_HOST_DIR / "id_ed25519"),
+            **_LOGIN,
             "ssh_known_hosts_file": str(_HOST_DIR / "known_hosts"),
             "ssh_strict_host_key_checking": "yes",
             # A CPU host serving the tiny test model from the local Hub endpoint.
@@ -41,8 +49,10 @@ hosts = [
             "llama_cpp_build_cache": str(_HOST_DIR / "build-cache"),
             # The model lock (make lock INVENTORY=inventory/local.py), when one is wanted.
             "llama_model_lock": os.environ.get("LLAMAHOST_LOCAL_LOCK") or None,
-            # A token for gated repositories comes from the environment, never from here.
+            # A token for gated repositories comes from the environment, never from here;
+            # so does a supplied API key (unset: the host generates one).
             "llama_hf_token": os.environ.get("LLAMAHOST_LOCAL_HF_TOKEN") or None,
+            "llama_api_key": os.environ.get("LLAMAHOST_LOCAL_API_KEY") or None,
             **(
                 {
                     "llama_monitoring_prometheus_port": int(

@@ -1,5 +1,8 @@
 """python -m llamahost plan|lock INVENTORY
    python -m llamahost builds list|prune [INVENTORY] [--cache DIR] [--keep N]
+   python -m llamahost bench INVENTORY [--limit HOST] [--out DIR] [...]
+   python -m llamahost bench --compare A.json B.json
+   python -m llamahost tune INVENTORY --limit HOST (--profiles A,B | --vary KNOB=V1,V2)
 
 plan: for every host of the inventory, what its profile needs and gives, and whether it
       fits (exit 1 when any host does not fit or is invalid).
@@ -7,6 +10,10 @@ lock: resolve every host's model through the Hub API and write <inventory>.lock.
 builds: the controller's cache of built llama.cpp trees (docs/build.md): list them, or
       prune all but the --keep most recently used; the cache is --cache, else those the
       inventory's hosts use (llama_cpp_build_cache), else .cache/builds.
+bench: drive aiperf against each host's endpoint, a concurrency sweep with the profile's
+      workload; JSON, CSV, PNG and a summary under --out (docs/bench.md). --compare: the
+      ratio per metric of two reports.
+tune: deploy each candidate on one host, bench it, restore the host, recommend one.
 
 The inventory is read by pyinfra itself (`pyinfra INVENTORY debug-inventory --json`, which
 connects to nothing), so groups and data merge exactly as in a deploy.
@@ -122,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["builds"]:
         return builds_main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from llamahost.bench.cli import bench_main
+
+        return bench_main(argv[1:])
+    if argv[:1] == ["tune"]:
+        from llamahost.bench.cli import tune_main
+
+        return tune_main(argv[1:])
     ap = argparse.ArgumentParser(
         prog="python -m llamahost",
         description=__doc__,

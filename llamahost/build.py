@@ -84,8 +84,11 @@ def info(commit: str, cmake: list[str], platform: str, built_by: str) -> dict[st
 
 def cuda_packages(cuda: str, compiles: bool) -> list[str]:
     """What a GPU host needs from NVIDIA's CUDA repository for its build: the toolkit
-    (nvcc) where it compiles, only the CUDA runtime and cuBLAS where it receives (the
-    binary's libcudart, libcublas and libcublasLt; libcuda comes with the driver)."""
+    (`cuda-toolkit-13-0`: nvcc, headers) where it compiles, only the CUDA runtime and
+    cuBLAS where it receives: `cuda-cudart-13-0` (libcudart.so.13) and `libcublas-13-0`
+    (libcublas.so.13, libcublasLt.so.13), the libraries the CUDA build links besides
+    libcuda, which comes with the driver (docs/build.md). The names are the same in
+    NVIDIA's debian12, ubuntu2204 and ubuntu2404 repositories."""
     if compiles:
         return [toolkit_package(cuda)]
     v = cuda.replace(".", "-")

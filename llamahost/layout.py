@@ -114,3 +114,17 @@ def server_binary(prefix: str) -> str:
 
 def parent(path: str) -> str:
     return path.rsplit("/", 1)[0] or "/"
+
+
+# The gateway (HAProxy on the hosts of group `gateway`): Debian's and Ubuntu's paths.
+HAPROXY = "haproxy.service"
+HAPROXY_CONFIG = "/etc/haproxy/haproxy.cfg"
+HAPROXY_ADMIN_SOCKET = "/run/haproxy/admin.sock"
+GATEWAY_DIR = "/etc/haproxy/llamahost"  # root:haproxy 0750: the secrets below
+GATEWAY_PEM = f"{GATEWAY_DIR}/tls.pem"  # certificate chain and key
+GATEWAY_CLIENTS_MAP = f"{GATEWAY_DIR}/client-keys.map"  # client key -> client name
+GATEWAY_BACKEND_KEYS_MAP = f"{GATEWAY_DIR}/backend-keys.map"  # server -> its API key
+GATEWAY_STAGED_CONFIG = f"{GATEWAY_DIR}/haproxy.cfg.staged"
+# A restart the deploy owes llama-server (its inputs changed, the restart has not yet run):
+# kept until it succeeds, so a rollout stopped midway resumes on the next run.
+RESTART_PENDING = "/var/lib/llamahost/llama-server.restart-pending"

@@ -18,6 +18,8 @@ from typing import Any
 from llamahost import lock as locks
 from llamahost.checks import PREFIX, ConfigError, FieldError, Setting, check_rows
 from llamahost.config import SETTINGS, HostConfig, Profile, core_values, cross_checks
+from llamahost.gateway import settings as gateway_settings
+from llamahost.gateway.settings import GATEWAY_SETTINGS, GatewayConfig
 from llamahost.gpu import settings as gpu_settings
 from llamahost.gpu.settings import GPU_SETTINGS, GpuSettings
 from llamahost.layout import REPO
@@ -28,6 +30,7 @@ CONCERNS: tuple[tuple[str, tuple[Setting, ...]], ...] = (
     ("core", SETTINGS),
     ("gpu", GPU_SETTINGS),
     ("monitoring", MONITORING_SETTINGS),
+    ("gateway", GATEWAY_SETTINGS),
 )
 WHERE_LISTED = "every setting is listed in README.md, section Variables"
 
@@ -57,9 +60,11 @@ class HostSpec:
     cfg: HostConfig
     gpu: GpuSettings
     monitoring: MonitoringConfig
+    gateway: GatewayConfig
     lock: LockState
     ssh_hostname: str | None  # where SSH reaches it, as the inventory says
     monitored: bool  # the inventory has a `monitoring` group
+    is_gateway: bool = False  # the host is in group `gateway` (runs HAProxy)
 
     @property
     def profile(self) -> Profile:
@@ -158,11 +163,13 @@ def resolve_host(
     data: Mapping[str, Any],
     *,
     monitored: bool = False,
+    is_gateway: bool = False,
     use_lock: bool = True,
 ) -> HostSpec:
     """Validate a host's inventory data; raise ConfigError listing every bad field.
 
     ``monitored``: the inventory has a `monitoring` group (its hosts scrape this one).
+    ``is_gateway``: the host is in group `gateway` (its controller files are checked).
     ``use_lock`` false: do not apply ``llama_model_lock`` (the plan's what-if, the lock
     command that writes it).
     """
@@ -170,10 +177,13 @@ def resolve_host(
     profile_name, prof, core = core_values(data, errors)
     gpu = check_rows(GPU_SETTINGS, data, errors)
     mon = check_rows(MONITORING_SETTINGS, data, errors)
+    gw = check_rows(GATEWAY_SETTINGS, data, errors)
     if errors:  # cross-checks read values: only once every row is valid
         raise ConfigError(name, errors)
     assert profile_name is not None  # a bad one is in errors
     errors += cross_checks(prof, core) + gpu_settings.cross_checks(gpu)
+    gateway = GatewayConfig(**gw)
+    errors += gateway_settings.cross_checks(gateway, is_gateway=is_gateway)
     cfg = HostConfig(host_name=name, profile=Profile(name=profile_name, **prof), **core)
     monitoring = MonitoringConfig(**mon)
     if monitored:
@@ -189,9 +199,11 @@ def resolve_host(
         cfg=cfg,
         gpu=GpuSettings(**gpu),
         monitoring=monitoring,
+        gateway=gateway,
         lock=lock,
         ssh_hostname=ssh_hostname if isinstance(ssh_hostname, str) else None,
         monitored=monitored,
+        is_gateway=is_gateway,
     )
 
 
@@ -202,9 +214,17 @@ def inventory_specs(
     valid ones and the errors of the others."""
     monitored = any(GROUP in groups for _, _, groups in hosts)
     specs, errors = [], []
-    for name, data, _ in hosts:
+    for name, data, groups in hosts:
         try:
-            specs.append(resolve_host(name, data, monitored=monitored, use_lock=use_lock))
+            specs.append(
+                resolve_host(
+                    name,
+                    data,
+                    monitored=monitored,
+                    is_gateway=gateway_settings.GROUP in groups,
+                    use_lock=use_lock,
+                )
+            )
         except ConfigError as e:
             errors.append(e)
     return specs, errors

@@ -1,18 +1,62 @@
 """The one way a service is brought up: enabled and started, restarted only when what it
 reads changed, and never restarted right after this run started it (a fresh start
 already reads the new configuration). Used by every service the deploy manages.
+
+A start or restart that fails prints the unit's last journal lines in the deploy's output
+(the reason: a model refused, a port taken), so that the operator need not log in to
+read why; the failed operation stops the host's run as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import shlex
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
-from pyinfra.api.operation import OperationMeta
+from pyinfra.api.operation import OperationMeta, operation
 from pyinfra.context import host
+from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import server, systemd
 
 from tasks.facts import UnitActiveState
+
+# Journal lines printed when a start or restart fails: llama-server's own error (the model
+# loader's message) and systemd's verdict fit in far fewer.
+JOURNAL_LINES = 30
+
+
+def _unit_name(unit: str) -> str:
+    return unit if "." in unit else f"{unit}.service"
+
+
+def control_command(verb: str, unit: str) -> str:
+    """``systemctl VERB UNIT``; when it fails, the unit's last journal lines on standard
+    error (pyinfra prints a failed command's output), and the failure kept."""
+    u = shlex.quote(unit)
+    return (
+        f"systemctl {verb} {u} || {{ rc=$?; journalctl --sync 2>/dev/null;"
+        f" echo '{unit} did not {verb}; its last journal lines:' >&2;"
+        f" journalctl -u {u} -n {JOURNAL_LINES} --no-pager -o cat >&2; exit $rc; }}"
+    )
+
+
+@operation()
+def service(
+    unit: str, enabled: bool = False, restarted: bool = False
+) -> Generator[str, None, None]:
+    """Running (started when it is not, restarted when ``restarted`` and it is), enabled
+    when ``enabled``: pyinfra's systemd.service with running=True, the same facts and
+    commands, but a failed start or restart shows the unit's journal."""
+    unit = _unit_name(unit)
+    is_running = host.get_fact(SystemdStatus, services=[unit]).get(unit)
+    if not is_running:
+        yield control_command("start", unit)
+    elif restarted:
+        yield control_command("restart", unit)
+    else:
+        host.noop(f"service {unit} is running")
+    if enabled and not host.get_fact(SystemdEnabled, services=[unit]).get(unit, False):
+        yield f"systemctl enable {shlex.quote(unit)}"
 
 
 @dataclass(frozen=True)
@@ -50,9 +94,7 @@ def activate(
             name=f"Clear {unit}'s failed state and start limit (it is not running)",
             commands=[f"systemctl reset-failed {unit} 2>/dev/null || true"],
         )
-    started = systemd.service(
-        name=f"Enable and start {unit}", service=unit, running=True, enabled=True
-    )
+    started = service(name=f"Enable and start {unit}", unit=unit, enabled=True)
     changes = [*([unit_file] if unit_file is not None else []), *restart_on]
 
     def fresh() -> bool:
@@ -62,13 +104,7 @@ def activate(
         return any(op.did_change() for op in changes) and not fresh()
 
     if changes:
-        systemd.service(
-            name=f"Restart {unit} ({why})",
-            service=unit,
-            running=True,
-            restarted=True,
-            _if=restarts,
-        )
+        service(name=f"Restart {unit} ({why})", unit=unit, restarted=True, _if=restarts)
     if reload_on:
         systemd.service(
             name=f"Reload {unit} (its configuration changed)",

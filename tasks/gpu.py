@@ -1,9 +1,9 @@
-"""The GPU stack: NVIDIA driver, persistence mode, CUDA toolkit, and the CUDA build's flags.
+"""The GPU stack: NVIDIA driver, persistence mode, and the CUDA build's flags.
 
 Every decision is made in ``llamahost/gpu.py`` from facts read before the run; this module
 only turns them into operations, in the order a fresh host needs them:
 
-  repository   cuda-keyring (the toolkit is NVIDIA's everywhere); on Ubuntu with Canonical's
+  repository   cuda-keyring (CUDA is NVIDIA's everywhere); on Ubuntu with Canonical's
                driver an apt pin keeps NVIDIA's driver packages out
   persistence  the nvidia-persistenced drop-in, before the driver, so that the daemon the
                packages start already runs in persistence mode
@@ -12,11 +12,14 @@ only turns them into operations, in the order a fresh host needs them:
                a driver that runs on the pinned branch and flavour is kept, another one
                replaced in one apt transaction (unhold, install and purge, hold again);
                DKMS under Secure Boot is refused before any change
-  toolkit      cuda-toolkit-<version>, for the build only
   reboot       only when the driver changed or nouveau is loaded, never on the controller
   verify       nvidia-smi answers on the branch, persistence mode Enabled on every GPU
 
 A host already current plans no change at all.
+
+The CUDA packages are not installed here: what a host needs depends on its part in the
+fleet's build (tasks/llama_cpp.py, llamahost.build.cuda_packages): the toolkit only where
+llama.cpp is compiled, the CUDA runtime and cuBLAS where a built tree is received.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ HOLD_COMMAND = (
 # ---------------------------------------------------------------- the result
 @dataclass(frozen=True)
 class GpuResult:
-    gpu: bool  # the GPU path is taken: driver, persistence, toolkit, CUDA build
+    gpu: bool  # the GPU path is taken: driver, persistence, CUDA build
     cmake_args: tuple[str, ...]  # for llama_cpp.build(gpu_cmake_args=...)
     reboot: Reboot | None  # the decision; None on the CPU path
     ready: bool  # the GPUs serve by the end of this run (False: CPU path or reboot pending)
@@ -139,10 +142,8 @@ def install(
     repository(dist, repo_arch, plan)
     dropin, blacklist = configuration()
     driver = driver_packages(plan)
-    apt.packages(
-        name=f"CUDA toolkit {conf.cuda_version} (for the build)",
-        packages=[gpu.toolkit_package(conf.cuda_version)],
-    )
+    # No CUDA toolkit here: step 4 installs it only where llama.cpp is compiled, and only
+    # the CUDA runtime and cuBLAS where a built tree is received.
     ready = persistence_and_verify(found, plan, decision, driver, dropin, blacklist)
     return GpuResult(
         gpu=True,
@@ -297,8 +298,8 @@ def persistence_and_verify(
         return False
     if not found.has_gpu:
         logger.warning(
-            f"{host.print_prefix}llama_gpu_stack is 'on' and no GPU was found: driver and "
-            "toolkit installed, persistence mode and the GPU check skipped."
+            f"{host.print_prefix}llama_gpu_stack is 'on' and no GPU was found: driver "
+            "installed, persistence mode and the GPU check skipped."
         )
         return False
 

@@ -85,9 +85,12 @@ def build(
         mode="0755",
     )
     if cuda_version is not None and (part.compiles or part.receives):
+        # The GPU stack (step 3) installs no CUDA package: the toolkit only where this
+        # host compiles, the CUDA runtime and cuBLAS where it receives a built tree.
         cuda = builds.cuda_packages(cuda_version, part.compiles)
+        what = "toolkit, to compile" if part.compiles else "runtime and cuBLAS, to run"
         apt.packages(
-            name=f"CUDA {cuda_version} for the llama.cpp build ({', '.join(cuda)})",
+            name=f"CUDA {cuda_version} {what} llama.cpp ({', '.join(cuda)})",
             packages=cuda,
         )
     # 1. The builder compiles (the only host of its id with a compiler).

@@ -11,6 +11,7 @@ from pyinfra.facts.files import Directory, File
 
 from llamahost import distro, layout
 from llamahost.checks import ConfigError
+from llamahost.gateway.settings import GROUP as GATEWAY
 from llamahost.monitoring.settings import GROUP
 from llamahost.plan import check_gpu_memory, plan_for, render
 from llamahost.spec import HostSpec, resolve_host
@@ -26,7 +27,10 @@ def validated_spec() -> HostSpec:
     """The host's spec: every setting of every concern checked, the model lock applied."""
     try:
         return resolve_host(
-            host.name, host.data.dict(), monitored=bool(host.inventory.get_group(GROUP, []))
+            host.name,
+            host.data.dict(),
+            monitored=bool(host.inventory.get_group(GROUP, [])),
+            is_gateway=GATEWAY in host.groups,
         )
     except ConfigError as e:
         raise refuse(str(e)) from None

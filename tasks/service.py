@@ -5,12 +5,12 @@ from io import StringIO
 from pyinfra.api.operation import OperationMeta
 from pyinfra.context import host
 from pyinfra.facts.files import File
-from pyinfra.operations import files, server
+from pyinfra.operations import files, server, systemd
 
 from llamahost import layout, render
 from llamahost.config import HostConfig
 from llamahost.spec import HostSpec
-from tasks import secret
+from tasks import gateway, rolling, secret
 from tasks.activate import activate
 
 
@@ -91,6 +91,18 @@ def unit(spec: HostSpec, cpu_count: int) -> OperationMeta:
     )
 
 
-def run(unit_op: OperationMeta, restart_when: list[OperationMeta]) -> None:
-    """Enable and start; restart only when the unit, binary, model or key changed."""
-    activate(layout.UNIT, unit_file=unit_op, restart_on=restart_when, clear_failed=True)
+def run(spec: HostSpec, unit_op: OperationMeta, restart_when: list[OperationMeta]) -> None:
+    """Enable and start; restart only when the unit, binary, model or key changed. Behind
+    gateways, that restart is a drained one, a few hosts at a time (tasks/rolling.py)."""
+    if not rolling.gateways():
+        activate(layout.UNIT, unit_file=unit_op, restart_on=restart_when, clear_failed=True)
+        return
+    systemd.daemon_reload(name="Reload systemd units", _if=unit_op.did_change)
+    started = activate(layout.UNIT, clear_failed=True).started
+    fleet = gateway.served_specs()
+    rolling.restart(
+        spec,
+        [unit_op, *restart_when],
+        started,
+        max_unavailable=min(s.gateway.rolling_max_unavailable for s in fleet),
+    )

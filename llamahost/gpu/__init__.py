@@ -14,8 +14,9 @@ Sources of the package names and file contents (docs/gpu-stack.md):
 * Debian 12 (and Ubuntu on request): NVIDIA's CUDA repository through ``cuda-keyring``
   1.1-1, with the branch's ``nvidia-driver-pinning-<branch>`` package installed first so
   that unversioned packages cannot move to a newer branch.
-* The CUDA toolkit always comes from NVIDIA's repository (the distributions ship older
-  ones); it is for the build only.
+* CUDA always comes from NVIDIA's repository (the distributions ship older versions):
+  the toolkit only on the host that compiles llama.cpp, the CUDA runtime and cuBLAS on a
+  host that receives a built tree (llamahost.build.cuda_packages).
 """
 
 # The package's modules, one concern each: settings (rows and checks), host (what the host

@@ -80,6 +80,8 @@ class Site:
     hub: HubServer
     port: int
     timings: dict[str, float] = field(default_factory=dict)
+    # The deploy's SSH login: "root", or the host's sudo user (the cloud-image path).
+    ssh_user: str = "root"
 
     def env(self) -> dict[str, str]:
         """The environment that points inventory/local.py at this host."""
@@ -89,6 +91,7 @@ class Site:
             "LLAMAHOST_LOCAL_SSH_PORT": str(self.host.ssh_port),
             "LLAMAHOST_LOCAL_PORT": str(self.port),
             "LLAMAHOST_LOCAL_HUB": self.hub.url,
+            "LLAMAHOST_LOCAL_SSH_USER": self.ssh_user,
         }
 
     def deploy(
@@ -169,7 +172,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     name = f"e2e-{os.getpid()}"
     with HubServer(hub_root) as hub:
         host = testhost.create(name, free_port())
-        s = Site(host=host, hub=hub, port=free_port())
+        # The deploy logs in as the host's unprivileged user and uses sudo, as on a cloud
+        # image (inventory/prod.py); the tests' own checks log in as root (site.sh).
+        # LLAMAHOST_E2E_SSH_USER=root deploys as root instead.
+        user = os.environ.get("LLAMAHOST_E2E_SSH_USER") or host.user
+        s = Site(host=host, hub=hub, port=free_port(), ssh_user=user)
         try:
             yield s
         finally:
@@ -188,3 +195,7 @@ def deployed(site: Site) -> Run:
     if build:
         site.timings["llama_cpp_build_s"] = float(build)
     return run
+
+
+# The multi-host fleet (session-scoped, one compile), shared by test_fleet and test_gateway.
+from tests.e2e.fleet import first, fleet  # noqa: E402, F401

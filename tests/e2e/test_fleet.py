@@ -2,36 +2,31 @@
 inventory, one real `pyinfra ... deploy.py` run. Exactly one host compiles llama.cpp; the
 controller caches its tree and the other two receive it, without a compiler; all three
 serve; a rerun changes nothing anywhere. Then bad archives pushed to a serving host are
-refused with `current` and the server untouched.
+refused with `current` and the server untouched. Last, one host deployed with other CMake
+arguments (another build id) compiles its own, the cache then holds both builds, and a
+rerun with the original arguments moves it back to the first build without compiling (the
+rollback), after which the whole fleet reruns quietly.
 
-The hosts get their own inventory file and build cache (tmp); they are removed at the end.
-A host whose build id differs compiling its own is covered by tests/unit/test_build.py
-(role assignment) rather than here: a second compile would add 5 minutes of CI.
+The hosts are the session's shared fleet (tests/e2e/fleet.py, also used by
+tests/e2e/test_gateway.py); every test here leaves each host serving its original build and
+configuration. The second compile uses arguments chosen to be cheap (-O0: no optimisation,
+see OTHER_CMAKE_ARGS); its cost is in reports/fleet-timings.json.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+import re
 
 import pytest
 import requests
 
 from llamahost import build as builds
 from llamahost.spec import resolve_host
-from tests.e2e.conftest import MODEL_FILE, MODEL_REPO, Run, free_port, require_prerequisites
+from tests.e2e.conftest import Run
+from tests.e2e.fleet import Fleet
 from tests.support import testhost
-from tests.support.hubserver import HubServer
-from tests.support.llama_src import archive
-from tests.support.tinygguf import write as write_tiny
 
 pytestmark = pytest.mark.e2e
 
@@ -39,101 +34,6 @@ REPO = testhost.REPO
 REPORTS = REPO / "reports"
 COMPILE_OP = "Build llama-server ("
 PLATFORM = builds.platform("debian", "12", "amd64")  # the test hosts'
-
-
-@dataclass
-class Fleet:
-    """Test hosts in one inventory file, with a build cache of their own."""
-
-    hosts: dict[str, testhost.TestHost]
-    ports: dict[str, int]
-    inventory: Path
-    cache: Path
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def create(cls, names: list[str], hub_url: str, workdir: Path) -> Fleet:
-        hosts, ports = {}, {}
-        try:
-            for n in names:
-                hosts[n] = testhost.create(n, free_port())
-                ports[n] = free_port()
-        except BaseException:
-            for n in hosts:
-                testhost.destroy(n)
-            raise
-        cache = workdir / "build-cache"
-        inventory = workdir / "fleet_inventory.py"
-        data = [(n, host_data(hosts[n], ports[n], hub_url, cache)) for n in names]
-        inventory.write_text(f"hosts = {data!r}\n")
-        return cls(hosts, ports, inventory, cache)
-
-    def destroy(self) -> None:
-        for n in self.hosts:
-            testhost.destroy(n)
-
-    def deploy(self, *extra: str) -> Run:
-        argv = [sys.executable, "-m", "pyinfra", "-y", "--json", str(self.inventory)]
-        argv += ["deploy.py", *extra]
-        t0 = time.monotonic()
-        p = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=3000)
-        return Run(p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
-
-    def sh(self, name: str, command: str, check: bool = True) -> str:
-        return self.hosts[name].run(command, check=check).stdout
-
-    def health(self, name: str) -> int:
-        r = requests.get(f"http://127.0.0.1:{self.ports[name]}/health", timeout=30)
-        return r.status_code
-
-
-def host_data(host: testhost.TestHost, port: int, hub_url: str, cache: Path) -> dict[str, Any]:
-    """inventory/local.py's data for one test host, with the fleet's shared cache."""
-    return {
-        "ssh_hostname": "127.0.0.1",
-        "ssh_port": host.ssh_port,
-        "ssh_user": "root",
-        "ssh_key": host.key,
-        "ssh_known_hosts_file": host.known_hosts,
-        "ssh_strict_host_key_checking": "yes",
-        "llama_profile": "cpu-demo",
-        "llama_port": port,
-        "llama_model_repo": MODEL_REPO,
-        "llama_model_file": MODEL_FILE,
-        "llama_hf_endpoint": hub_url,
-        "llama_cpp_source": "archive",
-        "llama_cpp_archive": str(archive()),
-        "llama_cpp_build_cache": str(cache),
-    }
-
-
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    require_prerequisites("fleet tests")
-    archive()
-    root = tmp_path_factory.mktemp("fleet-hub")
-    (root / MODEL_REPO).mkdir(parents=True)
-    write_tiny(str(root / MODEL_REPO / MODEL_FILE))
-    names = [f"fleet{os.getpid()}-{x}" for x in "abc"]
-    with HubServer(root) as hub:
-        f = Fleet.create(names, hub.url, tmp_path_factory.mktemp("fleet"))
-        try:
-            yield f
-        finally:
-            f.destroy()
-            REPORTS.mkdir(exist_ok=True)
-            (REPORTS / "fleet-timings.json").write_text(json.dumps(f.timings, indent=2) + "\n")
-
-
-@pytest.fixture(scope="module")
-def first(fleet: Fleet) -> Run:
-    run = fleet.deploy()
-    assert run.rc == 0, run.output[-6000:]
-    fleet.timings["first_run_3_hosts_s"] = round(run.seconds, 1)
-    for n in fleet.hosts:
-        took = fleet.sh(n, "cat /opt/llama.cpp/current/logs/build-seconds", check=False).strip()
-        fleet.timings["llama_cpp_build_s"] = float(took)
-    return run
 
 
 def current(fleet: Fleet, name: str) -> str:
@@ -213,7 +113,9 @@ def test_a_bad_archive_is_refused_and_nothing_moves(fleet: Fleet, first: Run, da
     cmake = '["-DLLAMAHOST_FLEET_TEST=1"]'
     cfg = resolve_host(name, {"llama_cpp_cmake_args": ["-DLLAMAHOST_FLEET_TEST=1"]}).cfg
     bid = builds.build_id(cfg.cpp_commit, builds.cmake_args(cfg), PLATFORM)
-    (good,) = [e for e in builds.cache_entries(fleet.cache) if e.build_id != bid]
+    # The host's own build's entry (the cache may hold more once the test below ran).
+    good = builds.CacheEntry(fleet.cache, current(fleet, name).rsplit("/", 1)[1])
+    assert good.complete()
     full = good.archive.read_bytes()
     half = full[: len(full) // 2]
     if damage == "truncated":
@@ -238,3 +140,109 @@ def test_a_bad_archive_is_refused_and_nothing_moves(fleet: Fleet, first: Run, da
     leftovers = fleet.sh(name, f"ls -d /opt/llama.cpp/builds/{bid}* /opt/llama.cpp/incoming/*",
                          check=False)  # fmt: skip
     assert leftovers.strip() == ""
+
+
+# Another build id that compiles as cheaply as this build can: the same targets without
+# optimisation (CMake puts the *_FLAGS_RELEASE after the toolkit's Release type; values may
+# not contain spaces, so NDEBUG goes too: ggml's asserts stay on, which is harmless). Any
+# argument would make another id; this one also halves the compile on 2 cores.
+OTHER_CMAKE_ARGS = ["-DCMAKE_C_FLAGS_RELEASE=-O0", "-DCMAKE_CXX_FLAGS_RELEASE=-O0"]
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def role_lines(run: Run, name: str) -> list[str]:
+    """The deploy's per-host "llama.cpp build <id> (<platform>): <part>" lines for a host."""
+    lines = ANSI.sub("", run.stderr).splitlines()
+    return [ln for ln in lines if f"{name}]" in ln and "llama.cpp build " in ln]
+
+
+def chat(fleet: Fleet, name: str) -> int:
+    key = fleet.sh(name, "cat /etc/llama-server/api-key").strip()
+    r = requests.post(
+        f"http://127.0.0.1:{fleet.ports[name]}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=120,
+    )
+    return r.status_code
+
+
+def test_other_cmake_arguments_build_their_own_and_a_rerun_rolls_back(
+    fleet: Fleet, first: Run
+) -> None:
+    names = list(fleet.hosts)
+    # The host that compiled the fleet's build: it has the compiler already, so the shared
+    # hosts keep the packages they had (the receivers stay without cc and cmake).
+    name = fleet.sh(names[0], "cat /opt/llama.cpp/current/logs/built-by").strip()
+    assert name in names
+    original = current(fleet, name)
+    first_id = original.rsplit("/", 1)[1]
+    unit = fleet.sh(name, "cat /etc/systemd/system/llama-server.service")
+    others = {n: (current(fleet, n), served(fleet, n)) for n in names if n != name}
+    cfg = resolve_host(name, {"llama_cpp_cmake_args": OTHER_CMAKE_ARGS}).cfg
+    other_id = builds.build_id(cfg.cpp_commit, builds.cmake_args(cfg), PLATFORM)
+    assert other_id != first_id
+    assert [e.build_id for e in builds.cache_entries(fleet.cache)] == [first_id]
+    before = served(fleet, name)
+
+    moved = False
+    try:
+        # 1. Other CMake arguments: another build id, which nobody has: this host compiles.
+        run = fleet.deploy(
+            "--limit", name, "--data", f"llama_cpp_cmake_args={json.dumps(OTHER_CMAKE_ARGS)}"
+        )
+        moved = True
+        assert run.rc == 0, run.output[-6000:]
+        fleet.timings["other_cmake_args_deploy_1_host_s"] = round(run.seconds, 1)
+        (line,) = role_lines(run, name)
+        assert f"llama.cpp build {other_id} ({PLATFORM}): compiles it" in line, line
+        assert "receives it" not in run.stderr
+        assert any(op.startswith(COMPILE_OP) for op in run.changed_operations())
+        assert current(fleet, name) == f"/opt/llama.cpp/builds/{other_id}"
+        assert fleet.sh(name, "cat /opt/llama.cpp/current/logs/built-by").strip() == name
+        took = fleet.sh(name, "cat /opt/llama.cpp/current/logs/build-seconds").strip()
+        fleet.timings["other_cmake_args_build_s"] = float(took)
+        # The build it replaced is kept as `previous`, for the rollback below.
+        assert fleet.sh(name, "readlink /opt/llama.cpp/previous").strip() == original
+        # The cache holds both builds, the new one recorded with its arguments and builder.
+        assert {e.build_id for e in builds.cache_entries(fleet.cache)} == {first_id, other_id}
+        info = builds.CacheEntry(fleet.cache, other_id).info()
+        assert info["built_by"] == name
+        assert info["cmake_args"][-2:] == OTHER_CMAKE_ARGS
+        # The new binary serves (restarted once); nothing moved on the other hosts.
+        assert served(fleet, name) != before
+        assert fleet.health(name) == 200 and chat(fleet, name) == 200
+        assert {n: (current(fleet, n), served(fleet, n)) for n in others} == others
+        after_move = served(fleet, name)
+
+        # 2. Rollback: a rerun with the original arguments. The first build is still on the
+        # host (kept as `previous`): `current` moves back, no compile, no transfer.
+        back = fleet.deploy("--limit", name)
+        assert back.rc == 0, back.output[-6000:]
+        moved = False
+        fleet.timings["rollback_rerun_1_host_s"] = round(back.seconds, 1)
+        (line,) = role_lines(back, name)
+        assert f"llama.cpp build {first_id} ({PLATFORM}): has it" in line, line
+        assert "compiles it" not in back.stderr and "receives it" not in back.stderr
+        changed = back.changed_operations()
+        assert not any(
+            op.startswith((COMPILE_OP, "Receive llama.cpp", "Fetch llama.cpp")) for op in changed
+        )
+        assert "Point llama.cpp `current` at the build" in changed
+        assert current(fleet, name) == original
+        assert fleet.sh(name, "readlink /opt/llama.cpp/previous").strip() == (
+            f"/opt/llama.cpp/builds/{other_id}"
+        )
+        assert served(fleet, name) != after_move  # restarted once, on the first build
+        assert fleet.health(name) == 200 and chat(fleet, name) == 200
+        assert fleet.sh(name, "cat /etc/systemd/system/llama-server.service") == unit
+        assert {e.build_id for e in builds.cache_entries(fleet.cache)} == {first_id, other_id}
+    finally:
+        if moved:  # a failure between the two runs: put the host back for the other tests
+            fleet.deploy("--limit", name)
+
+    # 3. The fleet as the session fixture made it: a rerun of every host changes nothing.
+    quiet = fleet.deploy()
+    assert quiet.rc == 0, quiet.output[-6000:]
+    assert quiet.changed_operations() == []
+    assert {current(fleet, n) for n in names} == {original}

@@ -76,12 +76,17 @@ def _sha256(text: str) -> str:
 
 
 def _add_sudoer(site: Site) -> None:
-    """A login with passwordless sudo and the root key: pyinfra's `--sudo` path."""
+    """A login with passwordless sudo and the key the inventory logs in with (root's, or
+    the site's sudo user's): pyinfra's `--sudo` path."""
+    keys = "/root/.ssh/authorized_keys"
+    if site.ssh_user != "root":
+        keys += f" /home/{site.ssh_user}/.ssh/authorized_keys"
     site.sh(
         f"id {SUDOER} >/dev/null 2>&1 || useradd -m -s /bin/bash {SUDOER};"
         f" install -d -m 0700 -o {SUDOER} -g {SUDOER} /home/{SUDOER}/.ssh;"
-        f" install -m 0600 -o {SUDOER} -g {SUDOER} /root/.ssh/authorized_keys"
-        f" /home/{SUDOER}/.ssh/authorized_keys;"
+        f" cat {keys} >/home/{SUDOER}/.ssh/authorized_keys;"
+        f" chown {SUDOER}:{SUDOER} /home/{SUDOER}/.ssh/authorized_keys;"
+        f" chmod 0600 /home/{SUDOER}/.ssh/authorized_keys;"
         f" echo '{SUDOER} ALL=(ALL) NOPASSWD:ALL' >/etc/sudoers.d/{SUDOER};"
         f" chmod 0440 /etc/sudoers.d/{SUDOER}"
     )

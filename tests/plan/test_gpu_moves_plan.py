@@ -150,8 +150,8 @@ def test_same_branch_from_canonicals_dkms_is_kept(secure_boot: bool) -> None:
     decision = p.result.reboot
     assert decision is not None and not decision.needed and not p.has(REBOOT_OP)
     assert p.has(HOLD_OP) and "apt-mark hold" in p.commands(HOLD_OP)[0]
-    # What changes is ours only: repository, pin, blacklist, drop-in, holds, toolkit,
-    # persistence mode; no driver package.
+    # What changes is ours only: repository, pin, blacklist, drop-in, holds, persistence
+    # mode; no driver package (and no CUDA package: step 4 installs those).
     assert p.changes == [
         "Keep the driver on Canonical's packages (apt pin)",
         "llamahost download cache",
@@ -163,7 +163,6 @@ def test_same_branch_from_canonicals_dkms_is_kept(secure_boot: bool) -> None:
         "Blacklist nouveau",
         "Rebuild the initramfs without nouveau",
         "Hold the driver packages (no unattended driver/library mismatch)",
-        "CUDA toolkit 13.0 (for the build)",
         "Restart nvidia-persistenced (drop-in changed or persistence mode off)",
         "Verify: nvidia-smi on the driver branch, persistence mode Enabled on every GPU",
     ]

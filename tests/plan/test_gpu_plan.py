@@ -2,16 +2,25 @@
 host, through pyinfra's @fake connector fed with recorded output (tests/plan/fixtures).
 
 Each case asserts the exact driver packages, the reboot decision, the persistenced drop-in
-and the CUDA architecture handed to CMake; a current host must plan nothing.
+and the CUDA architecture handed to CMake; a current host must plan nothing. With step 4
+(tasks/llama_cpp.py) planned after the stack: the CUDA toolkit only on the host that
+compiles llama.cpp, only the CUDA runtime and cuBLAS on a host that receives the build.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 from pyinfra.api.exceptions import PyinfraError
 
+from llamahost import build as builds
 from llamahost import gpu, layout
-from tests.plan.fakehost import CONTROLLER_ID, KERNELS, REPO, FakeHost, Plan, plan
+from llamahost.spec import HostSpec
+from tasks import llama_cpp, preflight
+from tasks.gpu import GpuResult
+from tests.plan.fakehost import CONTROLLER_ID, KERNELS, REPO, FakeHost, Plan, fixture, plan
 
 DISTROS = ["ubuntu-22.04", "ubuntu-24.04", "debian-12"]
 
@@ -55,6 +64,11 @@ def driver_packages(p: Plan) -> list[str]:
     return command.split(INSTALL, 1)[1].split()
 
 
+def planned_anywhere(p: Plan, *words: str) -> list[str]:
+    """The planned commands that name any of the words."""
+    return [c for op in p.ops for c in op.commands if any(w in c for w in words)]
+
+
 def index(p: Plan, prefix: str) -> int:
     return next(i for i, op in enumerate(p.ops) if op.name.startswith(prefix))
 
@@ -89,7 +103,8 @@ def test_fresh_gpu_host_installs_the_stack_and_reboots(distro: str, nouveau: boo
     assert driver_packages(p) == DRIVER[distro]
     assert p.result.gpu and ARCH_80 in p.result.cmake_args
     assert "-DCMAKE_CUDA_COMPILER=/usr/local/cuda-13.0/bin/nvcc" in p.result.cmake_args
-    assert p.commands("CUDA toolkit 13.0")[0].endswith("install cuda-toolkit-13-0")
+    # No CUDA package from the GPU stack: step 4 installs what the host's build role needs.
+    assert not p.has("CUDA") and not planned_anywhere(p, "cuda-toolkit", "cudart", "cublas")
 
     decision = p.result.reboot
     assert decision is not None and decision.will
@@ -266,3 +281,103 @@ def test_bad_gpu_settings_stop_before_any_change(
         plan(FakeHost("debian-12"), data)
     line = next(ln for ln in str(exc.value).splitlines() if ln.strip().startswith(field))
     assert "host '@fake/debian-12'" in str(exc.value) and allowed in line
+
+
+# ---------------------------------------------------------------- CUDA packages by build role
+TOOLKIT = "cuda-toolkit-13-0"
+RUNTIME = ("cuda-cudart-13-0", "libcublas-13-0")
+CUDA_OP = "CUDA 13.0 "
+BUILD_TOOLS_OP = "Install build dependencies"
+COMPILE_OP = "Build llama-server ("
+RECEIVE_OP = "Receive llama.cpp build"
+
+
+def with_build(cache: Path, cached: bool) -> Callable[[HostSpec, GpuResult], object]:
+    """Step 4 after the stack, as deploy.py calls it. `cached`: the controller's cache
+    already has this host's build id (complete: archive and sha256 record), so the host
+    receives it; otherwise it is the first host of its id and compiles."""
+
+    def then(spec: HostSpec, result: GpuResult) -> object:
+        dist = preflight.distribution()
+        if cached:
+            cache.mkdir(parents=True, exist_ok=True)
+            cmake = builds.cmake_args(spec.cfg, result.cmake_args)
+            where = builds.platform(dist.id, dist.version_id, "amd64")
+            entry = builds.CacheEntry(cache, builds.build_id(spec.cfg.cpp_commit, cmake, where))
+            entry.archive.write_bytes(b"an archive")
+            entry.sha256_file.write_text(builds.sha256_line("0" * 64, entry.archive.name))
+        return llama_cpp.build(
+            spec.cfg,
+            dist,
+            jobs=2,
+            gpu_cmake_args=result.cmake_args,
+            check_devices=result.gpu and result.ready,
+            cuda_version=spec.gpu.cuda_version if result.gpu else None,
+        )
+
+    return then
+
+
+def gpu_host(distro: str, driver: str) -> FakeHost:
+    """A fresh GPU host, or one whose driver runs (held, in persistence mode) and that has
+    no CUDA package yet: the driver fixture without its cuda-toolkit line."""
+    if driver == "none":
+        return FakeHost(distro)
+    lines = fixture(f"dpkg-l-{distro}-gpu-stack.txt").splitlines(True)
+    stack = "".join(ln for ln in lines if " cuda-toolkit-" not in ln)
+    assert len(stack) < sum(map(len, lines))
+    return FakeHost(distro, driver="current", persistence=True, stack=stack)
+
+
+def cuda_install(p: Plan) -> list[str]:
+    """The packages of step 4's CUDA operation."""
+    (command,) = p.commands(CUDA_OP)
+    assert " install " in command, command
+    return command.rsplit(" install ", 1)[1].split()
+
+
+@pytest.mark.parametrize("driver", ["none", "current"], ids=["fresh", "driver-current"])
+@pytest.mark.parametrize("distro", DISTROS)
+def test_the_gpu_host_that_compiles_installs_the_toolkit(
+    distro: str, driver: str, tmp_path: Path
+) -> None:
+    h = gpu_host(distro, driver)
+    p = plan(h, {"llama_cpp_build_cache": str(tmp_path)}, then=with_build(tmp_path, False))
+    assert p.result.gpu
+    assert cuda_install(p) == [TOOLKIT]
+    assert p.has(BUILD_TOOLS_OP) and p.has(COMPILE_OP) and not p.has(RECEIVE_OP)
+    assert not planned_anywhere(p, *RUNTIME)
+    # The toolkit before the compile that needs its nvcc, which CMake is told about.
+    assert index(p, CUDA_OP) < index(p, COMPILE_OP)
+    (build,) = p.commands(COMPILE_OP)
+    assert "-DCMAKE_CUDA_COMPILER=/usr/local/cuda-13.0/bin/nvcc" in build and ARCH_80 in build
+
+
+@pytest.mark.parametrize("driver", ["none", "current"], ids=["fresh", "driver-current"])
+@pytest.mark.parametrize("distro", DISTROS)
+def test_a_gpu_host_that_receives_installs_only_the_cuda_runtime_and_cublas(
+    distro: str, driver: str, tmp_path: Path
+) -> None:
+    h = gpu_host(distro, driver)
+    p = plan(h, {"llama_cpp_build_cache": str(tmp_path)}, then=with_build(tmp_path, True))
+    assert p.result.gpu
+    assert cuda_install(p) == list(RUNTIME)
+    assert p.has(RECEIVE_OP)
+    # No toolkit, no compiler, no CMake, no source: nothing of the build anywhere in the plan.
+    assert planned_anywhere(p, "cuda-toolkit", "nvcc", "build-essential") == []
+    assert not [c for c in planned_anywhere(p, "cmake") if "cmake" in c.split()]
+    assert not p.has(BUILD_TOOLS_OP) and not p.has(COMPILE_OP)
+    assert not p.has("Download the llama.cpp source") and not p.has("Upload the llama.cpp source")
+    # The runtime is there before the received binary is run (--version, --list-devices).
+    assert index(p, CUDA_OP) < index(p, RECEIVE_OP)
+
+
+def test_the_cpu_path_installs_no_cuda_package_whatever_the_role(tmp_path: Path) -> None:
+    for cached in (False, True):
+        p = plan(
+            FakeHost("debian-12", gpu=False),
+            {"llama_cpp_build_cache": str(tmp_path / str(cached))},
+            then=with_build(tmp_path / str(cached), cached),
+        )
+        assert not p.result.gpu and not p.has(CUDA_OP), cached
+        assert planned_anywhere(p, "cuda-toolkit", *RUNTIME) == []

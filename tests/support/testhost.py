@@ -5,6 +5,13 @@ with systemd-nspawn, sharing the machine's network, its sshd on its own loopback
 its own host key (written to a known_hosts file) and root key. Recipe: docs/facts.md,
 "systemd-nspawn test hosts".
 
+As a cloud image has, each host also has an unprivileged user (`admin`) with passwordless
+sudo and an SSH key of its own: the deploy can reach it as prod.py reaches a cloud VM
+(`ssh_user` + `_sudo`). A host that reboots is started again, as a hypervisor restarts a
+VM: systemd-nspawn exits with code 133 on a reboot and a supervising loop boots it again,
+in a time namespace whose boot clock starts at zero, so that /proc/uptime (pyinfra's
+reboot operation compares it) reads as the container's own uptime. docs/drills.md.
+
   python -m tests.support.testhost create NAME --ssh-port 2222
   python -m tests.support.testhost destroy NAME
 """
@@ -28,6 +35,27 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("LLAMAHOST_CACHE", REPO / ".cache"))
 MIRROR = os.environ.get("LLAMAHOST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 PACKAGES = "systemd,systemd-sysv,dbus,openssh-server,python3,ca-certificates,sudo"
+# The login a cloud image gives (Debian's images: `admin`, Ubuntu's: `ubuntu`).
+SUDO_USER = "admin"
+# systemd-nspawn's exit status when the container rebooted.
+REBOOT_EXIT = 133
+# Runs systemd-nspawn ("$@") until it exits with anything but REBOOT_EXIT. Each boot gets
+# a fresh time namespace whose CLOCK_BOOTTIME (so /proc/uptime) starts near zero, as a
+# VM's does; the machine's uptime would otherwise show through. destroy() kills the loop
+# and systemd-nspawn together: they are one process group.
+SUPERVISE = f"""
+while :; do
+  if [ "$TESTHOST_TIMENS" = 1 ]; then
+    up=$(cut -d. -f1 /proc/uptime)
+    unshare --time --fork --boottime=-$((up > 1 ? up - 1 : 0)) -- "$@"
+  else
+    "$@"
+  fi
+  rc=$?
+  [ "$rc" -eq {REBOOT_EXIT} ] || exit "$rc"
+  echo "[testhost] $(date -u +%FT%TZ) the host rebooted (exit {REBOOT_EXIT}): starting it again"
+done
+"""
 
 
 @dataclass
@@ -36,19 +64,22 @@ class TestHost:
     ssh_port: int
     key: str
     known_hosts: str
-    pid: int
+    pid: int  # the supervising loop's, leader of the process group with systemd-nspawn
+    # The cloud-image login: unprivileged, passwordless sudo, its own key.
+    user: str = SUDO_USER
+    user_key: str = ""
 
     @property
     def dir(self) -> Path:
         return CACHE / "hosts" / self.name
 
-    def ssh_argv(self, command: str) -> list[str]:
+    def ssh_argv(self, command: str, user: str = "root") -> list[str]:
         return [
             "ssh",
             "-p",
             str(self.ssh_port),
             "-i",
-            self.key,
+            self.key if user == "root" else self.user_key,
             "-o",
             f"UserKnownHostsFile={self.known_hosts}",
             "-o",
@@ -57,23 +88,51 @@ class TestHost:
             "BatchMode=yes",
             "-o",
             "ConnectTimeout=5",
-            "root@127.0.0.1",
+            f"{user}@127.0.0.1",
             command,
         ]
 
     def run(
-        self, command: str, check: bool = True, timeout: float = 600
+        self, command: str, check: bool = True, timeout: float = 600, user: str = "root"
     ) -> subprocess.CompletedProcess[str]:
+        """``command`` over SSH as root, or as ``user`` (the sudo user) with its own key."""
         return subprocess.run(
-            self.ssh_argv(command), capture_output=True, text=True, check=check, timeout=timeout
+            self.ssh_argv(command, user),
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
         )
 
+    def boot_id(self) -> str:
+        """This boot's id: systemd-nspawn gives every boot of the container a new one."""
+        return self.run("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+
+    def wait_up(self, timeout: float = 120) -> None:
+        """Until systemd reports the boot finished (running or degraded) over SSH."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                raise RuntimeError(
+                    f"{self.name}: systemd-nspawn is gone; see {self.dir}/console.log"
+                )
+            try:
+                r = self.run("systemctl is-system-running --wait", check=False, timeout=60)
+                if r.stdout.strip() in ("running", "degraded"):
+                    return
+            except subprocess.TimeoutExpired:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: not up after {timeout}s; see console.log")
+            time.sleep(1)
+
     def alive(self) -> bool:
+        """Whether the supervising loop runs (an exited one not yet reaped counts as gone)."""
         try:
-            os.kill(self.pid, 0)
-            return True
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
         except OSError:
             return False
+        return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def _log(msg: str) -> None:
@@ -138,6 +197,35 @@ def trust_local_cas(rootfs: Path) -> None:
             f.write("".join(c + "\n" for c in extra))
 
 
+def time_namespaces() -> bool:
+    """Whether this machine can give a host a boot clock of its own (Linux 5.6+)."""
+    probe = ["unshare", "--time", "--fork", "--boottime=-1", "--", "true"]
+    try:
+        return subprocess.run(probe, capture_output=True, check=False).returncode == 0
+    except OSError:
+        return False
+
+
+def add_sudo_user(th: TestHost, public_key: str) -> None:
+    """The cloud image's login: a user of its own group, its home 0750 (as on Ubuntu's
+    cloud images; Debian's useradd would make it 0755), passwordless sudo for everything
+    (cloud-init's own sudoers line), its key in ~/.ssh, no password."""
+    u = th.user
+    th.run(
+        f"useradd -m -s /bin/bash -U {u} && chmod 0750 /home/{u}"
+        f" && install -d -m 0700 -o {u} -g {u} /home/{u}/.ssh"
+        f" && echo '{public_key}' >/home/{u}/.ssh/authorized_keys"
+        f" && chown {u}:{u} /home/{u}/.ssh/authorized_keys"
+        f" && chmod 0600 /home/{u}/.ssh/authorized_keys"
+        f" && echo '{u} ALL=(ALL) NOPASSWD:ALL' >/etc/sudoers.d/90-cloud-init-users"
+        " && chmod 0440 /etc/sudoers.d/90-cloud-init-users"
+        " && visudo -cq",
+    )
+    who = th.run("sudo -n id -un", user=u).stdout.strip()
+    if who != "root":
+        raise RuntimeError(f"{th.name}: sudo as {u} gave {who!r}, not root")
+
+
 def _state_file(name: str) -> Path:
     return CACHE / "hosts" / name / "host.json"
 
@@ -179,43 +267,36 @@ def create(name: str, ssh_port: int, boot_timeout: float = 120) -> TestHost:
     (rootfs / "etc" / "hostname").write_text(name + "\n")
     trust_local_cas(rootfs)
 
+    nspawn = ["systemd-nspawn", "-q", "-D", str(rootfs), "--boot", "--register=no"]
+    nspawn += ["--keep-unit", "-M", name]
+    env = {**os.environ, "TESTHOST_TIMENS": "1" if time_namespaces() else "0"}
     with open(hdir / "console.log", "ab") as log:
         proc = subprocess.Popen(
-            [
-                "systemd-nspawn",
-                "-q",
-                "-D",
-                str(rootfs),
-                "--boot",
-                "--register=no",
-                "--keep-unit",
-                "-M",
-                name,
-            ],
+            ["bash", "-c", SUPERVISE, "testhost-supervise", *nspawn],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
-    th = TestHost(name, ssh_port, str(key), str(known), proc.pid)
+    user_key = hdir / f"{SUDO_USER}_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(user_key)], check=True)
+    th = TestHost(name, ssh_port, str(key), str(known), proc.pid, SUDO_USER, str(user_key))
     _state_file(name).write_text(json.dumps(asdict(th)))
 
-    deadline = time.monotonic() + boot_timeout
-    while True:
+    try:
+        th.wait_up(boot_timeout)
+    except RuntimeError:
         if proc.poll() is not None:
             raise RuntimeError(
                 f"{name}: systemd-nspawn exited {proc.returncode}; see {hdir}/console.log"
-            )
-        try:
-            r = th.run("systemctl is-system-running --wait", check=False, timeout=60)
-            if r.stdout.strip() in ("running", "degraded"):
-                break
-        except subprocess.TimeoutExpired:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{name}: not up after {boot_timeout}s; see {hdir}/console.log")
-        time.sleep(1)
-    _log(f"{name}: up, ssh -p {ssh_port} -i {key} root@127.0.0.1")
+            ) from None
+        raise
+    add_sudo_user(th, user_key.with_suffix(".pub").read_text().strip())
+    _log(
+        f"{name}: up, ssh -p {ssh_port} -i {key} root@127.0.0.1"
+        f" (or -i {user_key} {SUDO_USER}@127.0.0.1, with sudo)"
+    )
     return th
 
 

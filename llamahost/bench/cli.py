@@ -1,0 +1,280 @@
+"""``python -m llamahost bench``: the command line (docs/bench.md).
+
+Everything the user gives is checked before any host is touched, and a refusal names the
+field: a concurrency of 0, an unknown metric in --slo, a host not in the inventory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from llamahost import inventory as inv
+from llamahost.bench import report
+from llamahost.bench.workload import WorkloadError, parse_levels, workload_for
+from llamahost.layout import REPO
+from llamahost.spec import inventory_specs, resolve_host
+
+USAGE = """python -m llamahost bench INVENTORY [--limit HOST] [--out DIR] [options]
+       python -m llamahost bench --compare A.json B.json"""
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m llamahost bench", usage=USAGE, description=__doc__)
+    ap.add_argument("inventory", nargs="?")
+    ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="ratio B/A per metric")
+    ap.add_argument("--limit", action="append", default=[], help="only this host (repeatable)")
+    ap.add_argument("--out", help="output directory (default reports/bench/<UTC time>)")
+    ap.add_argument("--concurrency", help="levels, e.g. 1,2,4 (default 1, 2, 4 … 2 × slots)")
+    ap.add_argument("--requests", type=int, help="requests per level (default max(8, 3 × c))")
+    ap.add_argument("--isl", type=int, help="prompt tokens (default: the profile's)")
+    ap.add_argument("--osl", type=int, help="output tokens, forced (default: the profile's)")
+    ap.add_argument("--seed", type=int, default=None, help="prompt and sampling seed")
+    ap.add_argument("--slo", default="", help="targets, e.g. ttft_p95=2s,tps_user=15")
+    ap.add_argument(
+        "--tokenizer", help="a local tokenizer directory (default: Seed-OSS's, fetched once)"
+    )
+    ap.add_argument("--aiperf", help="the aiperf program (default .cache/bench-venv/bin/aiperf)")
+    ap.add_argument("--key-file", help="a file holding the key (default: the host's, over SSH)")
+    ap.add_argument("--url", help="the endpoint, for one host (default http://<address>:<port>)")
+    ap.add_argument("--label", default="", help="names this run in the plot and CSV")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per level (3600)")
+    return ap
+
+
+def compare_main(a_path: str, b_path: str) -> int:
+    def load(p: str) -> dict[str, Any]:
+        try:
+            out: dict[str, Any] = json.loads(Path(p).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"REFUSED compare={p!r}: {e}") from None
+        return out
+
+    try:
+        rows = report.compare(load(a_path), load(b_path))
+    except WorkloadError as e:
+        print(f"REFUSED {e}")
+        return 1
+    print(report.render_compare(rows, a_path, b_path), end="")
+    return 0
+
+
+def bench_main(argv: list[str]) -> int:
+    ap = parser()
+    a = ap.parse_args(argv)
+    if a.compare:
+        return compare_main(*a.compare)
+    if not a.inventory:
+        ap.error("INVENTORY is required (or --compare A.json B.json)")
+    try:
+        levels = parse_levels(a.concurrency) if a.concurrency else None
+        slo = report.parse_slo(a.slo)
+        for field, v in (("requests", a.requests), ("isl", a.isl), ("osl", a.osl)):
+            if v is not None and v < 1:
+                raise WorkloadError(field, v, "must be 1 or more")
+    except WorkloadError as e:
+        print(f"REFUSED {e}")
+        return 2
+    try:
+        hosts = inv.hosts(a.inventory)
+    except inv.InventoryError as e:
+        raise SystemExit(f"cannot read {a.inventory}: {e}") from None
+    names = [h[0] for h in hosts]
+    unknown = [h for h in a.limit if h not in names]
+    if unknown:
+        print(f"REFUSED limit={unknown[0]!r}: not a host of {a.inventory} ({', '.join(names)})")
+        return 2
+    chosen = [h for h in hosts if not a.limit or h[0] in a.limit]
+    if a.url and len(chosen) != 1:
+        print(f"REFUSED url={a.url!r}: one host only (use --limit)")
+        return 2
+    specs, errors = inventory_specs(chosen)
+    if errors:
+        print("\n".join(f"REFUSED {e}" for e in errors))
+        return 1
+    from llamahost.bench.workload import DEFAULT_SEED
+
+    seed = DEFAULT_SEED if a.seed is None else a.seed
+    plans = []
+    try:
+        for spec in specs:
+            wl = workload_for(
+                spec.profile, levels=levels, isl=a.isl, osl=a.osl, requests=a.requests, seed=seed
+            )
+            targets = {**report.TARGETS.get(spec.profile.name, report.TARGETS["balanced"]), **slo}
+            plans.append((spec, wl, targets))
+    except WorkloadError as e:
+        print(f"REFUSED {e}")
+        return 2
+
+    from llamahost.bench import run
+    from llamahost.bench import tokenizer as tok
+
+    try:
+        aiperf = run.aiperf_path(a.aiperf)
+    except run.BenchError as e:
+        print(f"REFUSED {e}")
+        return 2
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(a.out) if a.out else REPO / "reports" / "bench" / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    data = {name: d for name, d, _ in chosen}
+    reports, failed = [], False
+    for spec, wl, targets in plans:
+        try:
+            tokenizer = a.tokenizer or str(tok.fetch(spec.cfg, REPO / ".cache"))
+            key = run.read_key(spec.cfg, data[spec.name], a.key_file)
+        except (run.BenchError, tok.TokenizerError, OSError) as e:
+            print(f"FAILED {spec.name}: {e}")
+            failed = True
+            continue
+        url = a.url or f"http://{spec.address}:{spec.profile.port}"
+        target = run.Target(spec.name, url, spec.profile.alias, spec.cfg, key)
+        print(
+            f"{spec.name}: {wl.profile} ({wl.purpose}), levels "
+            f"{', '.join(str(lv.concurrency) for lv in wl.levels)}, {url}"
+        )
+        rep = run.run_host(
+            target,
+            wl,
+            targets,
+            aiperf=aiperf,
+            tokenizer=tokenizer,
+            out=out,
+            run_label=a.label,
+            timeout_s=a.timeout,
+        )
+        reports.append(rep)
+        print(report.summary(rep))
+        failed = failed or any(lv["errors"] for lv in rep["levels"])
+    if reports:
+        for line in run.write_run(reports, out, aiperf):
+            print(f"wrote {line}" if not line.startswith("no plot") else line)
+    print(f"bench: {out}")
+    return 1 if failed or not reports else 0
+
+
+TUNE_USAGE = """python -m llamahost tune INVENTORY --limit HOST (--profiles A,B | --vary KNOB=V1,V2)
+       [--slo ttft_p95=2s,tps_user=15] [--out DIR] [bench options]"""
+
+
+def deploy(inventory: str, host: str, extra: list[str], log: Path) -> int:
+    """The normal deploy path, for one host, with candidate data laid over its own."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "pyinfra", "-y", inventory, "deploy.py", "--limit", host]
+    with open(log, "w") as f:
+        return subprocess.run(
+            [*argv, *extra], cwd=REPO, stdout=f, stderr=subprocess.STDOUT, check=False
+        ).returncode
+
+
+def tune_main(argv: list[str]) -> int:
+    """Deploy each candidate on one host, bench it, restore the host's own configuration
+    at the end (also after a failure or Ctrl-C), and recommend one."""
+    import signal
+
+    from llamahost.bench import run, tune
+    from llamahost.bench import tokenizer as tok
+    from llamahost.bench.workload import DEFAULT_SEED
+
+    ap = parser()
+    ap.prog, ap.usage = "python -m llamahost tune", TUNE_USAGE
+    ap.add_argument("--profiles", help="candidates: profiles, e.g. low-latency,balanced")
+    ap.add_argument("--vary", help="candidates: one setting, e.g. micro_batch=512,1024,2048")
+    a = ap.parse_args(argv)
+    if not a.inventory or len(a.limit) != 1:
+        print("REFUSED limit: tune needs INVENTORY and exactly one --limit HOST")
+        return 2
+    try:
+        cands = tune.candidates(a.profiles, a.vary)
+        levels = parse_levels(a.concurrency) if a.concurrency else None
+        slo = report.parse_slo(a.slo)
+    except WorkloadError as e:
+        print(f"REFUSED {e}")
+        return 2
+    hosts = inv.hosts(a.inventory)
+    data = {name: d for name, d, _ in hosts}
+    host = a.limit[0]
+    if host not in data:
+        print(f"REFUSED limit={host!r}: not a host of {a.inventory} ({', '.join(data)})")
+        return 2
+    errors = tune.check(host, data[host], cands)
+    if errors:
+        print("\n".join(f"REFUSED {e}" for e in errors))
+        return 2
+    specs, spec_errors = inventory_specs([h for h in hosts if h[0] == host])
+    if spec_errors:
+        print("\n".join(f"REFUSED {e}" for e in spec_errors))
+        return 1
+    own = specs[0]
+    try:
+        aiperf = run.aiperf_path(a.aiperf)
+        tokenizer = a.tokenizer or str(tok.fetch(own.cfg, REPO / ".cache"))
+        key = run.read_key(own.cfg, data[host], a.key_file)
+    except (run.BenchError, tok.TokenizerError, OSError) as e:
+        print(f"REFUSED {e}")
+        return 2
+    # Ctrl-C must reach the loop below (and so the restore), even when tune was started
+    # with SIGINT ignored, as a shell does for a job it puts in the background.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(a.out) if a.out else REPO / "reports" / "tune" / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    reports: dict[str, dict[str, Any]] = {}
+    report_paths: list[Path] = []
+    try:
+        for c in cands:
+            d = out / re.sub(r"[^A-Za-z0-9_.=-]", "_", c.label)
+            d.mkdir(exist_ok=True)
+            print(f"{host}: deploying candidate {c.label}")
+            if deploy(a.inventory, host, c.pyinfra_args(), d / "deploy.log") != 0:
+                print(f"  deploy failed: {d / 'deploy.log'}")
+                continue
+            spec = resolve_host(host, {**data[host], **c.data})
+            wl = workload_for(
+                spec.profile,
+                levels=levels,
+                isl=a.isl,
+                osl=a.osl,
+                requests=a.requests,
+                seed=DEFAULT_SEED if a.seed is None else a.seed,
+            )
+            targets = {**report.TARGETS.get(own.profile.name, report.TARGETS["balanced"]), **slo}
+            url = a.url or f"http://{spec.address}:{spec.profile.port}"
+            target = run.Target(host, url, spec.profile.alias, spec.cfg, key)
+            reports[c.label] = run.run_host(
+                target, wl, targets, aiperf=aiperf, tokenizer=tokenizer, out=d, run_label=c.label
+            )
+            report_paths.append(d / f"{host}.json")
+    finally:
+        # The restore must finish: a second Ctrl-C is ignored until it has.
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            print(f"{host}: restoring its own configuration")
+            rc = deploy(a.inventory, host, [], out / "restore.log")
+            print(f"  restore {'done' if rc == 0 else 'FAILED: ' + str(out / 'restore.log')}")
+        finally:
+            signal.signal(signal.SIGINT, old)
+    if not reports:
+        print("tune: no candidate was benched")
+        return 1
+    (out / "tune.md").write_text(tune.side_by_side(reports))
+    print(tune.side_by_side(reports))
+    for line in run.write_run(list(reports.values()), out, aiperf, report_paths):
+        print(line)
+    choice = tune.recommend(reports)
+    if choice is None:
+        print("tune: no candidate meets the targets at any level")
+        return 1
+    label, lv = choice
+    print(
+        f"tune: recommend {label}: meets the targets up to concurrency {lv['concurrency']} "
+        f"({lv['tps_total']:.1f} output tok/s)"
+    )
+    return 0

@@ -1,0 +1,279 @@
+"""Drive aiperf against one host, level by level, sampling /metrics meanwhile.
+
+Impure (processes, HTTP, SSH), no pyinfra. Writes, under the output directory:
+``<host>/c<N>/`` (aiperf's artifacts and log of each level, its configuration without the
+key), ``<host>.json`` (the report), ``<host>.md`` (the summary), ``bench.csv`` (every level
+of every host of the run) and ``bench.png`` (the plot).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from llamahost.bench import AIPERF_VERSION, metrics, report
+from llamahost.bench import aiperf as ap
+from llamahost.bench.workload import Workload
+from llamahost.config import HostConfig
+from llamahost.layout import REPO
+
+BENCH_VENV = REPO / ".cache" / "bench-venv"
+PLOT_SCRIPT = Path(__file__).with_name("plot.py")
+
+
+class BenchError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    url: str
+    model: str
+    cfg: HostConfig
+    key: str = field(repr=False)
+
+
+def aiperf_path(given: str | None = None) -> Path:
+    """--aiperf, else LLAMAHOST_AIPERF, else the bench environment's (make bench-venv)."""
+    p = Path(given or os.environ.get("LLAMAHOST_AIPERF") or BENCH_VENV / "bin" / "aiperf")
+    if not p.is_file():
+        raise BenchError(
+            f"aiperf not found at {p}: `make bench-venv` installs aiperf=={AIPERF_VERSION} "
+            "into .cache/bench-venv (or pass --aiperf PATH)"
+        )
+    out = subprocess.run([str(p), "--version"], capture_output=True, text=True, timeout=120)
+    if AIPERF_VERSION not in out.stdout + out.stderr:
+        raise BenchError(
+            f"{p} is not aiperf {AIPERF_VERSION} ({(out.stdout + out.stderr).strip()[:200]!r})"
+        )
+    return p
+
+
+def read_key(cfg: HostConfig, data: Mapping[str, Any], key_file: str | None) -> str:
+    """The host's API key: --key-file, else llama_api_key, else the host's key file read
+    over SSH (its standard output, never an argument), as the monitoring deploy does."""
+    if key_file:
+        return Path(key_file).read_text().strip()
+    if cfg.api_key:
+        return cfg.api_key
+    user = str(data.get("ssh_user") or "root")
+    argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+    if data.get("ssh_port"):
+        argv += ["-p", str(data["ssh_port"])]
+    if data.get("ssh_key"):
+        argv += ["-i", str(data["ssh_key"])]
+    if data.get("ssh_known_hosts_file"):
+        argv += ["-o", f"UserKnownHostsFile={data['ssh_known_hosts_file']}"]
+    if data.get("ssh_strict_host_key_checking"):
+        argv += ["-o", f"StrictHostKeyChecking={data['ssh_strict_host_key_checking']}"]
+    host = str(data.get("ssh_hostname") or cfg.host_name)
+    command = f"cat {cfg.api_key_file}"
+    if user != "root":
+        command = "sudo -n " + command
+    p = subprocess.run(
+        [*argv, f"{user}@{host}", command], capture_output=True, text=True, timeout=60
+    )
+    key = p.stdout.strip()
+    if p.returncode != 0 or not key:
+        raise BenchError(
+            f"{cfg.host_name}: cannot read {cfg.api_key_file} over SSH "
+            f"(exit {p.returncode}: {p.stderr.strip()[-300:]}); pass --key-file"
+        )
+    return key
+
+
+class Sampler(threading.Thread):
+    """GET /metrics every `interval` seconds until stopped."""
+
+    def __init__(self, url: str, key: str, interval: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self._url = url.rstrip("/") + "/metrics"
+        self._headers = {"Authorization": f"Bearer {key}"}
+        self._interval = interval
+        self._halt = threading.Event()
+        self.samples: list[dict[str, float]] = []
+        self.failures = 0
+
+    def sample(self) -> None:
+        try:
+            r = requests.get(self._url, headers=self._headers, timeout=5)
+            if r.status_code == 200:
+                self.samples.append(metrics.parse(r.text))
+                return
+        except requests.RequestException:
+            pass
+        self.failures += 1
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sample()
+            self._halt.wait(self._interval)
+
+    def finish(self) -> metrics.ServerStats:
+        self._halt.set()
+        self.join(timeout=10)
+        self.sample()  # the counters' last value, after the level
+        return metrics.summarise(self.samples)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT to aiperf's session (it writes what it has), then SIGKILL after 20 s."""
+    for sig, wait in ((signal.SIGINT, 20.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_level(
+    target: Target,
+    workload: Workload,
+    index: int,
+    *,
+    aiperf: Path,
+    tokenizer: str,
+    out: Path,
+    timeout_s: float,
+) -> report.LevelResult:
+    level = workload.levels[index]
+    d = out / target.host / f"c{level.concurrency}"
+    d.mkdir(parents=True, exist_ok=True)
+    conf = ap.config(
+        level=level,
+        model=target.model,
+        url=target.url,
+        tokenizer=tokenizer,
+        seed=workload.seed,
+        artifacts=str(d),
+    )
+    conf_path = d / "aiperf-config.json"
+    conf_path.write_text(json.dumps(conf, indent=2) + "\n")
+    env = {**os.environ, ap.KEY_ENV: target.key}
+    # aiperf's own HF_HUB_OFFLINE refuses a tokenizer directory (docs/bench.md).
+    env.pop("HF_HUB_OFFLINE", None)
+    sampler = Sampler(target.url, target.key)
+    sampler.start()
+    with open(d / "aiperf.log", "w") as log:
+        # Its own session: aiperf starts a dozen service processes, and a timeout or a
+        # Ctrl-C must stop all of them, not only the first.
+        proc = subprocess.Popen(
+            [str(aiperf), "profile", "--config", str(conf_path), "--ui", "none"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=d,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            log.write(f"\nllamahost: aiperf stopped after {timeout_s:.0f} s\n")
+            _stop_group(proc)
+        except BaseException:
+            _stop_group(proc)
+            sampler.finish()
+            raise
+    server = sampler.finish()
+    (d / "metrics-samples.json").write_text(json.dumps(sampler.samples) + "\n")
+    return report.LevelResult(level, ap.read(d), server)
+
+
+def run_host(
+    target: Target,
+    workload: Workload,
+    targets: dict[str, float],
+    *,
+    aiperf: Path,
+    tokenizer: str,
+    out: Path,
+    run_label: str = "",
+    timeout_s: float = 3600.0,
+    progress: Any = print,
+) -> dict[str, Any]:
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    results = []
+    for i, level in enumerate(workload.levels):
+        t0 = time.monotonic()
+        r = run_level(
+            target, workload, i, aiperf=aiperf, tokenizer=tokenizer, out=out, timeout_s=timeout_s
+        )
+        c = r.client
+        progress(
+            f"{target.host}: concurrency {level.concurrency}: {c.requests} ok, {c.errors} "
+            f"errors, TTFT p95 {c.ttft_p95 or 0:.0f} ms, {c.tps_total or 0:.1f} tok/s "
+            f"({time.monotonic() - t0:.0f} s)"
+        )
+        results.append(r)
+    p = target.cfg.profile
+    rep = report.build(
+        host=target.host,
+        profile={
+            "name": p.name,
+            "parallel": p.parallel,
+            "context": p.context,
+            "micro_batch": p.micro_batch,
+            "batch": p.batch,
+            "flash_attn": p.flash_attn,
+            "kv_unified": p.kv_unified,
+            "cache_reuse": p.cache_reuse,
+            "uses_gpu": p.uses_gpu,
+        },
+        purpose=workload.purpose,
+        seed=workload.seed,
+        targets=targets,
+        results=results,
+        meta={
+            "run": run_label,
+            "url": target.url,
+            "model": target.model,
+            "llama_cpp_commit": target.cfg.cpp_commit,
+            "aiperf": AIPERF_VERSION,
+            "tokenizer": tokenizer,
+            "started": started,
+        },
+    )
+    (out / f"{target.host}.json").write_text(json.dumps(rep, indent=2) + "\n")
+    (out / f"{target.host}.md").write_text(report.summary(rep))
+    return rep
+
+
+def write_run(
+    reports: list[dict[str, Any]], out: Path, aiperf: Path, paths: list[Path] | None = None
+) -> list[str]:
+    """bench.csv and bench.png for the reports of this run (written at `paths`, default
+    ``out/<host>.json``); what was written or skipped."""
+    (out / "bench.csv").write_text(report.csv_text(reports))
+    done = [str(out / "bench.csv")]
+    python = aiperf.parent / "python"
+    if paths is None:
+        paths = [out / f"{r['host']}.json" for r in reports]
+    png = out / "bench.png"
+    p = subprocess.run(
+        [str(python), str(PLOT_SCRIPT), str(png), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if p.returncode == 0 and png.exists():
+        done.append(str(png))
+    else:
+        done.append(f"no plot ({(p.stdout + p.stderr).strip()[-300:]})")
+    return done

@@ -1,0 +1,70 @@
+"""Client keys: the gateway's own list, one per client or team, read from a controller file.
+
+Format: one ``NAME KEY`` per line; blank lines and ``#`` comments ignored. Names label the
+client in HAProxy's logs and rate limits; keys are what clients send as bearer tokens.
+Nothing here ever puts a key in an exception message.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from llamahost.checks import Invalid
+from llamahost.secret import Secret
+
+NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# The shape llamahost.config accepts for an API key: safe in an HAProxy map file.
+KEY = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    name: str
+    key: Secret
+
+    def __repr__(self) -> str:
+        return f"ClientKey({self.name!r}, <hidden>)"
+
+
+def parse_client_keys(text: str) -> list[ClientKey]:
+    """The clients of a keys file; Invalid names the line, never the key."""
+    clients: list[ClientKey] = []
+    names: set[str] = set()
+    keys: set[str] = set()
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise Invalid(f"line {n}: must be `NAME KEY` (two words)")
+        name, key = parts
+        if not NAME.fullmatch(name):
+            raise Invalid(f"line {n}: the client name must be 1-64 of A-Z a-z 0-9 . _ -")
+        if not KEY.fullmatch(key):
+            raise Invalid(f"line {n} ({name}): the key must be 16-256 of A-Z a-z 0-9 . _ ~ + / = -")
+        if name in names:
+            raise Invalid(f"line {n}: client {name!r} is listed twice")
+        if key in keys:
+            raise Invalid(f"line {n} ({name}): the same key is given to another client")
+        names.add(name)
+        keys.add(key)
+        clients.append(ClientKey(name, Secret(key)))
+    if not clients:
+        raise Invalid("lists no client: every request would get 401")
+    return clients
+
+
+def read_client_keys(path: Path) -> list[ClientKey]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise Invalid(f"cannot be read ({e.strerror})") from None
+    return parse_client_keys(text)
+
+
+def client_map(clients: list[ClientKey]) -> Secret:
+    """HAProxy map file: key → client name (the key is the lookup)."""
+    return Secret("".join(f"{c.key.reveal().strip()} {c.name}\n" for c in clients))

@@ -1,0 +1,66 @@
+"""The gateway (hosts of group `gateway`): HAProxy running the configuration the inventory
+renders, its secrets private, every served host of the inventory in rotation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from llamahost import layout
+from llamahost.gateway import haproxy as hx
+from tests.compliance.conftest import TARGETS
+from tests.compliance.inventory import Target
+
+
+@pytest.fixture
+def gateway(target: Target) -> Target:
+    if not target.spec.is_gateway:
+        pytest.skip(f"{target.name} is not in group 'gateway', so it runs no HAProxy")
+    return target
+
+
+def test_haproxy_runs_the_rendered_configuration(
+    gateway: Target, host: Any, request: pytest.FixtureRequest
+) -> None:
+    """HAProxy is enabled, active, and runs the configuration rendered from the inventory.
+
+    docs/gateway.md: one server per served host, maxconn = its --parallel; checked with
+    `haproxy -c` before it is put in place.
+    """
+    svc = host.service(layout.HAPROXY)
+    assert svc.is_enabled and svc.is_running, f"{layout.HAPROXY} is not enabled and running"
+    served = [t.spec for t in request.config.stash[TARGETS]]
+    want = hx.haproxy_cfg(gateway.name, gateway.spec.gateway, hx.servers(gateway.name, served))
+    have = host.file(layout.HAPROXY_CONFIG).content_string
+    assert have == want, f"{layout.HAPROXY_CONFIG} differs from what the inventory renders"
+    check = host.run(f"haproxy -c -q -f {layout.HAPROXY_CONFIG}")
+    assert check.rc == 0, check.stderr[-500:]
+
+
+def test_gateway_secrets_are_root_haproxy_0640(gateway: Target, host: Any) -> None:
+    """The gateway's TLS key and key maps are root:haproxy 0640 in a 0750 directory."""
+    d = host.file(layout.GATEWAY_DIR)
+    assert (d.user, d.group, d.mode) == ("root", "haproxy", 0o750), layout.GATEWAY_DIR
+    for path in (layout.GATEWAY_PEM, layout.GATEWAY_CLIENTS_MAP, layout.GATEWAY_BACKEND_KEYS_MAP):
+        f = host.file(path)
+        assert f.exists, f"{path} is missing"
+        assert (f.user, f.group, f.mode) == ("root", "haproxy", 0o640), (path, f.mode)
+
+
+def test_every_served_host_is_in_rotation(
+    gateway: Target, host: Any, request: pytest.FixtureRequest
+) -> None:
+    """Every served host of the inventory is a server of the gateway, and up.
+
+    docs/gateway.md: health checks on /health every 2 s; a host out of rotation is down
+    (or drained by a rollout that stopped).
+    """
+    out = host.run(
+        f"echo 'show stat' | socat -t 5 stdio unix-connect:{layout.HAPROXY_ADMIN_SOCKET}"
+    )
+    assert out.rc == 0, out.stderr[-300:]
+    stats = hx.server_stats(out.stdout)
+    names = {hx.server_name(t.name) for t in request.config.stash[TARGETS]}
+    assert set(stats) == names, f"servers {sorted(stats)}, inventory {sorted(names)}"
+    assert hx.out_of_rotation(stats) == [], {n: s.status for n, s in stats.items()}

@@ -1,0 +1,127 @@
+"""The multi-host test fleet, shared by the fleet bring-up (test_fleet.py) and the gateway
+(test_gateway.py) tests: three fresh Debian 12 hosts in one inventory file with a build cache
+of their own, brought up once per test session (one llama.cpp compile), removed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.e2e.conftest import MODEL_FILE, MODEL_REPO, Run, free_port, require_prerequisites
+from tests.support import testhost
+from tests.support.hubserver import HubServer
+from tests.support.llama_src import archive
+from tests.support.tinygguf import write as write_tiny
+
+REPO = testhost.REPO
+REPORTS = REPO / "reports"
+
+
+@dataclass
+class Fleet:
+    """Test hosts in one inventory file, with a build cache of their own."""
+
+    hosts: dict[str, testhost.TestHost]
+    ports: dict[str, int]
+    inventory: Path
+    cache: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, names: list[str], hub_url: str, workdir: Path) -> Fleet:
+        hosts, ports = {}, {}
+        try:
+            for n in names:
+                hosts[n] = testhost.create(n, free_port())
+                ports[n] = free_port()
+        except BaseException:
+            for n in hosts:
+                testhost.destroy(n)
+            raise
+        # A fresh cache, so the fleet test sees its one compile; LLAMAHOST_TEST_BUILD_CACHE
+        # (development only) reuses built trees across sessions.
+        cache = Path(os.environ.get("LLAMAHOST_TEST_BUILD_CACHE") or workdir / "build-cache")
+        inventory = workdir / "fleet_inventory.py"
+        data = [(n, host_data(hosts[n], ports[n], hub_url, cache)) for n in names]
+        inventory.write_text(f"hosts = {data!r}\n")
+        return cls(hosts, ports, inventory, cache)
+
+    def destroy(self) -> None:
+        for n in self.hosts:
+            testhost.destroy(n)
+
+    def deploy(self, *extra: str, inventory: Path | None = None) -> Run:
+        """A real run of deploy.py over the fleet's inventory (or another one of its hosts)."""
+        inv = inventory or self.inventory
+        argv = [sys.executable, "-m", "pyinfra", "-y", "--json", str(inv)]
+        argv += ["deploy.py", *extra]
+        t0 = time.monotonic()
+        p = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=3000)
+        return Run(p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
+
+    def sh(self, name: str, command: str, check: bool = True) -> str:
+        return self.hosts[name].run(command, check=check).stdout
+
+    def health(self, name: str) -> int:
+        r = requests.get(f"http://127.0.0.1:{self.ports[name]}/health", timeout=30)
+        return r.status_code
+
+
+def host_data(host: testhost.TestHost, port: int, hub_url: str, cache: Path) -> dict[str, Any]:
+    """inventory/local.py's data for one test host, with the fleet's shared cache."""
+    return {
+        "ssh_hostname": "127.0.0.1",
+        "ssh_port": host.ssh_port,
+        "ssh_user": "root",
+        "ssh_key": host.key,
+        "ssh_known_hosts_file": host.known_hosts,
+        "ssh_strict_host_key_checking": "yes",
+        "llama_profile": "cpu-demo",
+        "llama_port": port,
+        "llama_model_repo": MODEL_REPO,
+        "llama_model_file": MODEL_FILE,
+        "llama_hf_endpoint": hub_url,
+        "llama_cpp_source": "archive",
+        "llama_cpp_archive": str(archive()),
+        "llama_cpp_build_cache": str(cache),
+    }
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    require_prerequisites("fleet tests")
+    archive()
+    root = tmp_path_factory.mktemp("fleet-hub")
+    (root / MODEL_REPO).mkdir(parents=True)
+    write_tiny(str(root / MODEL_REPO / MODEL_FILE))
+    names = [f"fleet{os.getpid()}-{x}" for x in "abc"]
+    with HubServer(root) as hub:
+        f = Fleet.create(names, hub.url, tmp_path_factory.mktemp("fleet"))
+        try:
+            yield f
+        finally:
+            f.destroy()
+            REPORTS.mkdir(exist_ok=True)
+            (REPORTS / "fleet-timings.json").write_text(json.dumps(f.timings, indent=2) + "\n")
+
+
+@pytest.fixture(scope="session")
+def first(fleet: Fleet) -> Run:
+    run = fleet.deploy()
+    assert run.rc == 0, run.output[-6000:]
+    fleet.timings["first_run_3_hosts_s"] = round(run.seconds, 1)
+    for n in fleet.hosts:
+        took = fleet.sh(n, "cat /opt/llama.cpp/current/logs/build-seconds", check=False).strip()
+        fleet.timings["llama_cpp_build_s"] = float(took)
+    return run

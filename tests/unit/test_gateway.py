@@ -1,0 +1,396 @@
+"""The gateway's settings, client keys, HAProxy configuration and runtime API answers."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import http.server
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from llamahost.checks import ConfigError, Invalid
+from llamahost.gateway import haproxy as hx
+from llamahost.gateway.clients import client_map, parse_client_keys
+from llamahost.spec import HostSpec, resolve_host
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ALICE = "alice-key-0123456789abcdef"
+BOB = "bob-key-0123456789abcdef01"
+
+
+@pytest.fixture
+def keys_file(tmp_path: Path) -> Path:
+    p = tmp_path / "clients"
+    p.write_text(f"# team keys\nalice {ALICE}\n\nbob {BOB}\n")
+    p.chmod(0o600)
+    return p
+
+
+def gateway_data(keys_file: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "ssh_hostname": "10.0.0.1",
+        "llama_profile": "cpu-demo",
+        "llama_gateway_client_keys_file": str(keys_file),
+        **extra,
+    }
+
+
+def spec(name: str, data: dict[str, Any], gateway: bool = False) -> HostSpec:
+    return resolve_host(name, data, is_gateway=gateway)
+
+
+def refused(name: str, data: dict[str, Any], gateway: bool = True) -> dict[str, str]:
+    with pytest.raises(ConfigError) as e:
+        spec(name, data, gateway)
+    assert e.value.host == name
+    return {err.key: err.allowed for err in e.value.errors}
+
+
+# ---------------------------------------------------------------- settings
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("llama_gateway_affinity_header", "X Session", "HTTP header name"),
+        ("llama_gateway_affinity_header", "X-Session\nX-Evil: 1", "HTTP header name"),
+        ("llama_rolling_max_unavailable", 0, "from 1 to"),
+        ("llama_gateway_queue_timeout", "30", "a duration like"),
+        ("llama_gateway_port", 70000, "from 1 to 65535"),
+        ("llama_gateway_listen", "gateway.example", "IPv4 or IPv6"),
+    ],
+)
+def test_a_bad_value_is_refused_naming_the_field(
+    keys_file: Path, key: str, value: Any, says: str
+) -> None:
+    errors = refused("gw1", gateway_data(keys_file, **{key: value}))
+    assert says in errors[key]
+
+
+def test_a_gateway_needs_client_keys(keys_file: Path) -> None:
+    data = gateway_data(keys_file)
+    del data["llama_gateway_client_keys_file"]
+    assert (
+        "required on a host of group 'gateway'"
+        in refused("gw1", data)["llama_gateway_client_keys_file"]
+    )
+    # A served host that is not a gateway needs none.
+    assert spec("a", data).gateway.gateway_client_keys_file is None
+
+
+def test_a_keys_file_readable_by_others_or_missing_is_refused(keys_file: Path) -> None:
+    keys_file.chmod(0o644)
+    why = refused("gw1", gateway_data(keys_file))["llama_gateway_client_keys_file"]
+    assert "readable by others (mode 0644)" in why and "chmod 600" in why
+    keys_file.chmod(0o640)
+    assert spec("gw1", gateway_data(keys_file), gateway=True).is_gateway
+    missing = gateway_data(keys_file, llama_gateway_client_keys_file="/nonexistent/keys")
+    assert (
+        "not found on the controller" in refused("gw1", missing)["llama_gateway_client_keys_file"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("alice\n", "line 1: must be `NAME KEY`"),
+        ("al ice key-0123456789abcdef\n", "line 1: must be `NAME KEY`"),
+        ("alice short\n", "line 1 (alice): the key must be 16-256"),
+        (f"alice {ALICE}\nalice {BOB}\n", "line 2: client 'alice' is listed twice"),
+        (f"alice {ALICE}\nbob {ALICE}\n", "line 2 (bob): the same key"),
+        ("# nobody\n", "lists no client"),
+    ],
+)
+def test_a_bad_keys_file_is_refused_without_showing_a_key(
+    keys_file: Path, text: str, says: str
+) -> None:
+    keys_file.write_text(text)
+    why = refused("gw1", gateway_data(keys_file))["llama_gateway_client_keys_file"]
+    assert says in why
+    assert ALICE not in why and BOB not in why
+
+
+def test_tls_files_come_in_pairs_and_must_exist(keys_file: Path, tmp_path: Path) -> None:
+    half = gateway_data(keys_file, llama_gateway_tls_cert="certs/gw.pem")
+    assert "set both" in refused("gw1", half)["llama_gateway_tls_key"]
+    both = gateway_data(
+        keys_file,
+        llama_gateway_tls_cert=str(tmp_path / "none.crt"),
+        llama_gateway_tls_key=str(tmp_path / "none.key"),
+    )
+    errors = refused("gw1", both)
+    assert "not found on the controller" in errors["llama_gateway_tls_cert"]
+    assert "not found on the controller" in errors["llama_gateway_tls_key"]
+
+
+def test_client_keys_parse_and_never_show() -> None:
+    clients = parse_client_keys(f"alice {ALICE}\nbob {BOB}\n")
+    assert [c.name for c in clients] == ["alice", "bob"]
+    assert ALICE not in repr(clients) and ALICE not in str(client_map(clients))
+    assert client_map(clients).reveal() == f"{ALICE} alice\n{BOB} bob\n"
+    with pytest.raises(Invalid):
+        parse_client_keys("")
+
+
+# ---------------------------------------------------------------- configuration
+def fleet(keys_file: Path, **gw: Any) -> tuple[HostSpec, list[HostSpec]]:
+    every = "0.0.0.0"  # noqa: S104  (served hosts listen where the gateway reaches them)
+    a = {"ssh_hostname": "10.0.0.1", "llama_profile": "cpu-demo", "llama_host": every}
+    b = {**a, "ssh_hostname": "10.0.0.2", "llama_parallel": 4, "llama_port": 8081}
+    served = [spec("a", a), spec("b.example", b)]
+    return spec("gw", gateway_data(keys_file, **gw), gateway=True), served
+
+
+def render(keys_file: Path, **gw: Any) -> str:
+    g, served = fleet(keys_file, **gw)
+    return hx.haproxy_cfg("gw", g.gateway, hx.servers("gw", served))
+
+
+def test_every_served_host_is_a_server_with_maxconn_its_slots(keys_file: Path) -> None:
+    cfg = render(keys_file)
+    assert "balance leastconn" in cfg
+    assert "server a abns@llamahost-a maxconn 2 check" in cfg
+    assert "server b.example abns@llamahost-b.example maxconn 4 check" in cfg
+    assert "server a 10.0.0.1:8080" in cfg and "server b.example 10.0.0.2:8081" in cfg
+    assert "timeout queue 30s" in cfg and "hdr Retry-After 5" in cfg
+    assert "ssl-min-ver TLSv1.2" in cfg and "sc_http_req_rate(0) gt 600" in cfg
+    assert ALICE not in cfg and BOB not in cfg
+
+
+def test_affinity_hashes_on_the_header(keys_file: Path) -> None:
+    cfg = render(keys_file, llama_gateway_affinity_header="X-Session-Id")
+    assert "balance hdr(X-Session-Id)\n    hash-type consistent" in cfg
+    assert "leastconn" not in cfg
+    assert "track-sc0" not in render(keys_file, llama_gateway_rate_limit=0)
+
+
+def test_a_loopback_server_the_gateway_cannot_reach_is_refused(keys_file: Path) -> None:
+    lo = spec("a", {"ssh_hostname": "10.0.0.1", "llama_profile": "cpu-demo",
+                    "llama_host": "127.0.0.1"})  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        hx.servers("gw", [lo])
+    assert e.value.host == "a" and "cannot reach it" in str(e.value)
+    # The gateway itself reaches its own loopback; hosts reached at a loopback address
+    # share the gateway's network (the test fleet).
+    assert hx.servers("a", [lo])[0].address == "127.0.0.1:8080"
+    same = spec("c", {"ssh_hostname": "127.0.0.1", "llama_profile": "cpu-demo",
+                      "llama_host": "127.0.0.1"})  # fmt: skip
+    assert hx.servers("gw", [same])[0].address == "127.0.0.1:8080"
+
+
+def test_server_names_are_safe_for_haproxy() -> None:
+    assert hx.server_name("gpu-01.example") == "gpu-01.example"
+    odd = hx.server_name("user@host:22")
+    assert odd.startswith("user_host_22-") and odd != hx.server_name("user@host_22")
+    with pytest.raises(ValueError):
+        hx.set_state("a b", "drain")
+    assert hx.set_state("a", "drain") == "set server llama/a state drain"
+
+
+HAPROXY = pytest.mark.skipif(
+    shutil.which("haproxy") is None, reason="haproxy is not installed (make sysdeps installs it)"
+)
+
+
+CHROOT_AND_USER = ("chroot /var/lib/haproxy", "user haproxy", "group haproxy", "daemon")
+
+
+def local_config(cfg: str, tmp_path: Path, backend_key: str = BOB) -> Path:
+    """The rendered configuration with its host paths moved under tmp_path, its certificate
+    and maps written there: runnable by an unprivileged HAProxy on this machine."""
+    for real in ("/etc/haproxy/llamahost/tls.pem", "/etc/haproxy/llamahost/client-keys.map",
+                 "/etc/haproxy/llamahost/backend-keys.map", "/run/haproxy/admin.sock"):  # fmt: skip
+        cfg = cfg.replace(real, str(tmp_path / Path(real).name))
+    cfg = "\n".join(line for line in cfg.splitlines() if line.strip() not in CHROOT_AND_USER)
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(tmp_path / "k"), "-out", str(tmp_path / "c")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (tmp_path / "tls.pem").write_text((tmp_path / "c").read_text() + (tmp_path / "k").read_text())
+    clients = parse_client_keys(f"alice {ALICE}")
+    (tmp_path / "client-keys.map").write_text(client_map(clients).reveal())
+    (tmp_path / "backend-keys.map").write_text(f"a {backend_key}\n")
+    (tmp_path / "haproxy.cfg").write_text(cfg + "\n")
+    return tmp_path / "haproxy.cfg"
+
+
+@HAPROXY
+def test_haproxy_accepts_the_rendered_configuration(keys_file: Path, tmp_path: Path) -> None:
+    path = local_config(render(keys_file, llama_gateway_affinity_header="X-Session-Id"), tmp_path)
+    r = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # And it notices a broken one: the check is worth running before a reload.
+    path.write_text(path.read_text().replace("balance hdr", "balance hdrx"))
+    broken = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True)
+    assert broken.returncode != 0
+
+
+class PacedSSE(http.server.BaseHTTPRequestHandler):
+    """A llama-server stand-in: answers every request with 40 events 25 ms apart, each
+    echoing the Authorization header it got."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        auth = self.headers.get("Authorization", "")
+        events = [f"data: {json.dumps({'i': i, 'auth': auth})}\n\n".encode() for i in range(40)]
+        if self.server.burst:  # type: ignore[attr-defined]  # as a buffering hop would
+            time.sleep(1)
+            self.wfile.write(b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events))
+        for data in [] if self.server.burst else events:  # type: ignore[attr-defined]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+            time.sleep(0.025)
+        self.wfile.write(b"0\r\n\r\n")
+
+    def do_GET(self) -> None:
+        body = b'{"status":"ok"}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def sse_server(burst: bool = False) -> http.server.ThreadingHTTPServer:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PacedSSE)
+    server.burst = burst  # type: ignore[attr-defined]
+    return server
+
+
+def events(url: str, cafile: str | bool) -> tuple[list[float], set[str]]:
+    """Arrival times of a streamed answer's events (from the request), and the
+    Authorization headers the server saw."""
+    t0 = time.monotonic()
+    r = requests.post(url + "/v1/chat/completions", json={"stream": True},
+                      headers={"Authorization": f"Bearer {ALICE}"},
+                      verify=cafile, stream=True, timeout=30)  # fmt: skip
+    arrivals, auth = [], set()
+    for line in r.iter_lines(chunk_size=1):
+        if line.startswith(b"data: "):
+            arrivals.append(time.monotonic() - t0)
+            auth.add(json.loads(line[6:])["auth"])
+    return arrivals, auth
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def live_gateway(keys_file: Path, tmp_path: Path) -> Iterator[str]:
+    """The rendered configuration run by a real HAProxy in front of a paced SSE server."""
+    backend = sse_server()
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    port = _free_port()
+    served = spec("a", {"ssh_hostname": "127.0.0.1", "llama_profile": "cpu-demo",
+                        "llama_host": "127.0.0.1", "llama_port": backend.server_port})  # fmt: skip
+    gw = spec("gw", gateway_data(keys_file, llama_gateway_listen="127.0.0.1",
+                                 llama_gateway_port=port, llama_gateway_rate_limit=3),
+              gateway=True)  # fmt: skip
+    path = local_config(hx.haproxy_cfg("a", gw.gateway, hx.servers("a", [served])), tmp_path)
+    proc = subprocess.Popen(["haproxy", "-db", "-f", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"https://127.0.0.1:{port}"
+    try:
+        for _ in range(100):  # listening, and the server's first health check passed
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(url + "/health", verify=str(tmp_path / "c"), timeout=2).ok:
+                    break
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        backend.shutdown()
+
+
+@HAPROXY
+def test_events_pass_as_the_server_sends_them(live_gateway: str, tmp_path: Path) -> None:
+    arrivals, auth = events(live_gateway, str(tmp_path / "c"))
+    assert len(arrivals) == 40
+    # Sent over 39 x 25 ms: a hop that held them back would deliver them together.
+    assert arrivals[-1] - arrivals[0] > 0.6, arrivals
+    assert arrivals[0] < 0.5, arrivals
+    # The server got its own key from the map, never the client's.
+    assert auth == {f"Bearer {BOB}"}
+
+
+def test_the_measure_sees_a_buffering_hop() -> None:
+    """The assertion above fails on a stream delivered in one burst."""
+    server = sse_server(burst=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        arrivals, _ = events(f"http://127.0.0.1:{server.server_port}", True)
+    finally:
+        server.shutdown()
+    assert len(arrivals) == 40 and arrivals[-1] - arrivals[0] < 0.1, arrivals
+
+
+def raw_post(url: str, cafile: str, headers: dict[str, str]) -> int:
+    """The status of a POST whose headers alone are sent (as alice)."""
+    host, port = url.removeprefix("https://").split(":")
+    conn = http.client.HTTPSConnection(
+        host, int(port), context=ssl.create_default_context(cafile=cafile), timeout=30
+    )
+    try:
+        conn.putrequest("POST", "/v1/x")
+        conn.putheader("Authorization", f"Bearer {ALICE}")
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+@HAPROXY
+def test_keys_limits_and_bodies_answered_by_the_gateway(live_gateway: str, tmp_path: Path) -> None:
+    ca = str(tmp_path / "c")
+
+    def post(key: str | None, body: bytes = b"{}") -> requests.Response:
+        h = {"Authorization": f"Bearer {key}"} if key else {}
+        return requests.post(live_gateway + "/v1/x", data=body, headers=h, verify=ca, timeout=30)
+
+    assert post(None).status_code == 401
+    assert post("not-a-client-key-0123").status_code == 401
+    assert post(BOB).status_code == 401  # the host's key is no client key
+    # A body announced above the limit, or not announced at all, is refused before it is
+    # read (the client may still be sending it).
+    assert raw_post(live_gateway, ca, {"Content-Length": str(8 * 1024 * 1024 + 1)}) == 413
+    assert raw_post(live_gateway, ca, {"Transfer-Encoding": "chunked"}) == 411
+    # 3 per minute (requests refused before the key is checked do not count).
+    codes = [post(ALICE).status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429], codes
+    assert post(ALICE).headers.get("Retry-After") == "60"
+
+
+# ---------------------------------------------------------------- runtime API
+def test_show_stat_recorded_from_haproxy() -> None:
+    stats = hx.server_stats((FIXTURES / "haproxy-show-stat.csv").read_text())
+    assert set(stats) == {"a", "b"}  # only backend llama's servers
+    assert stats["a"].status == "UP" and stats["b"].status == "DRAIN"
+    assert stats["a"].in_flight == 0 and stats["b"].queued == 0
+    assert hx.out_of_rotation(stats) == ["b"]
+    with pytest.raises(ValueError):
+        hx.server_stats("No such server.\n")

@@ -207,6 +207,9 @@ def owned_file(v: Any) -> str:
     return path
 
 
+# An API key (ours or a client's): safe in a file, a map, an HTTP header.
+API_KEY_RE = r"[A-Za-z0-9._~+/=-]{16,256}"
+api_key = pattern(API_KEY_RE, "16-256 of letters, digits and ._~+/=-")
 http_url = pattern(r"https?://[A-Za-z0-9._~:/?#\[\]@!&'()*+,;=%{}-]+", "an http(s) URL")
 sha256_hex = pattern(r"[0-9a-f]{64}", "a sha256 in 64 lower-case hex digits")
 cmake_define = pattern(r"-D[A-Za-z0-9_]+(?::[A-Z]+)?=[A-Za-z0-9._;,+/-]*", "-DNAME=VALUE")

@@ -18,6 +18,7 @@ from llamahost.checks import (
     FieldError,
     Invalid,
     Setting,
+    api_key,
     boolean,
     choice,
     cmake_args,
@@ -383,7 +384,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "api_key",
         None,
-        optional(pattern(r"[A-Za-z0-9._~+/=-]{16,256}", "16-256 of letters, digits and ._~+/=-")),
+        optional(api_key),
         "API key; generated on the host when unset. Read it from the environment.",
     ),
     Setting(

@@ -18,8 +18,6 @@ import shlex
 from io import StringIO
 
 from pyinfra import logger
-from pyinfra.api.command import StringCommand
-from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.facts import FactBase
 from pyinfra.api.host import Host
 from pyinfra.api.operation import OperationMeta
@@ -31,7 +29,7 @@ from pyinfra.operations import apt, files, python, server
 from llamahost import layout
 from llamahost.checks import ConfigError
 from llamahost.gateway import haproxy as hx
-from llamahost.gateway.clients import KEY, client_map, read_client_keys
+from llamahost.gateway.clients import client_map, read_client_keys
 from llamahost.gateway.settings import GROUP, GatewayConfig, controller_file
 from llamahost.spec import HostSpec, inventory_specs
 from tasks import secret
@@ -231,18 +229,7 @@ def _write_backend_keys(
         if name in supplied:
             key = supplied[name].reveal().strip()
         else:
-            served = state.inventory.get_host(served_name)
-            if not served.connected:
-                served.connect(reason="to read its API key", raise_exceptions=True)
-            ok, out = served.run_shell_command(
-                StringCommand("cat", "--", path),
-                print_output=False,
-                print_input=state.print_input,
-                **secret.connector_args(state, served),
-            )
-            key = "".join(out.stdout_lines).strip() if ok else ""
-        if not KEY.fullmatch(key):
-            raise PyinfraError(f"{served_name}: could not read an API key from {path}")
+            key = secret.read_api_key(state, served_name, path)
         lines.append(f"{name} {key}\n")
     return secret.write(
         state,

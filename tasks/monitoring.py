@@ -16,13 +16,10 @@ facts), on a command line or in the repository.
 
 from __future__ import annotations
 
-import re
 import shlex
 from io import StringIO
 
 from pyinfra import logger
-from pyinfra.api.command import StringCommand
-from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.host import Host
 from pyinfra.api.operation import OperationMeta
 from pyinfra.api.state import State
@@ -40,9 +37,6 @@ from tasks import secret
 from tasks.activate import activate
 from tasks.facts import KeyDigest, MountPoint
 from tasks.preflight import refuse
-
-# The key shape llamahost.config accepts, and the 48 alphanumerics the bring-up generates.
-_KEY = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
 
 
 def enabled() -> bool:
@@ -255,18 +249,7 @@ def _copy_key(state: State, host: Host, served_name: str, src: str, dest: str) -
     """Runs while the run executes, on the monitoring host. Output off on both ends; the
     key is written as tasks/secret.py writes any secret (never through pyinfra's upload,
     whose sudo path leaves it world-readable in /tmp for a moment)."""
-    served = state.inventory.get_host(served_name)
-    if not served.connected:
-        served.connect(reason="to read its API key", raise_exceptions=True)
-    ok, out = served.run_shell_command(
-        StringCommand("cat", "--", src),
-        print_output=False,
-        print_input=state.print_input,
-        **secret.connector_args(state, served),
-    )
-    key = "".join(out.stdout_lines).strip() if ok else ""
-    if not _KEY.fullmatch(key):
-        raise PyinfraError(f"{served_name}: could not read an API key from {src}")
+    key = secret.read_api_key(state, served_name, src)
     return secret.write(
         state, host, dest, secret.Secret(key), user="root", group="prometheus", mode="0640"
     )

@@ -16,21 +16,26 @@ Its failures are reported without the content (masked, should a tool ever echo i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Generator
 from typing import Any
 
 from pyinfra import logger
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
 from pyinfra.api.command import FunctionCommand, StringCommand
+from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.facts import FactBase
 from pyinfra.api.host import Host
 from pyinfra.api.operation import operation
 from pyinfra.api.state import State
 from pyinfra.context import host
 
+from llamahost.checks import API_KEY_RE
 from llamahost.secret import Secret, digest_command, writer
 
-__all__ = ["Secret", "SecretDigest", "connector_args", "file", "write"]
+_API_KEY = re.compile(API_KEY_RE)
+
+__all__ = ["Secret", "SecretDigest", "connector_args", "file", "read_api_key", "write"]
 
 
 class SecretDigest(FactBase[str | None]):
@@ -41,6 +46,25 @@ class SecretDigest(FactBase[str | None]):
 
     def process(self, output: list[str]) -> str | None:
         return output[0].split()[0] if output else None
+
+
+def read_api_key(state: State, host_name: str, path: str) -> str:
+    """Runs while a run executes: the API key in ``path`` on another host of the inventory
+    (e.g. one the bring-up generated there), read over that host's connection with output
+    off and checked for the key's shape. Used by the monitoring and the gateway hosts."""
+    other = state.inventory.get_host(host_name)
+    if not other.connected:
+        other.connect(reason="to read its API key", raise_exceptions=True)
+    ok, out = other.run_shell_command(
+        StringCommand("cat", "--", path),
+        print_output=False,
+        print_input=state.print_input,  # the command, which holds no secret
+        **connector_args(state, other),
+    )
+    key = "".join(out.stdout_lines).strip() if ok else ""
+    if not _API_KEY.fullmatch(key):
+        raise PyinfraError(f"{host_name}: could not read an API key from {path}")
+    return key
 
 
 def connector_args(state: State, target: Host) -> dict[str, Any]:

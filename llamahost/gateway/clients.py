@@ -11,12 +11,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from llamahost.checks import Invalid
+from llamahost.checks import API_KEY_RE, Invalid
 from llamahost.secret import Secret
 
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # The shape llamahost.config accepts for an API key: safe in an HAProxy map file.
-KEY = re.compile(r"[A-Za-z0-9._~+/=-]{16,256}")
+KEY = re.compile(API_KEY_RE)
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,9 @@ def test_figures_are_positive_and_consistent(
     for lv in load(out, site)["levels"]:
         assert lv["requests"] == REQUESTS and lv["errors"] == 0
         assert 0 < lv["ttft_p50_ms"] <= lv["ttft_p95_ms"] <= lv["ttft_p99_ms"]
-        assert 0 < lv["itl_p50_ms"] <= lv["itl_p95_ms"]
+        # Tokens read in one burst have an inter-token latency of 0: on an idle machine the
+        # tiny model's median is 0.0 ms, so only the order can be asserted.
+        assert 0 <= lv["itl_p50_ms"] <= lv["itl_p95_ms"]
         assert lv["tps_user_p50"] > 0 and lv["tps_total"] > 0 and lv["req_s"] > 0
         # ignore_eos: every request got exactly the output asked for, by the server's count.
         assert lv["osl_server_avg"] == OSL

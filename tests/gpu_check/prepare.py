@@ -1,0 +1,181 @@
+"""Prepare what the GPU check carries to the lent machine (run here, where the toolkit is
+installed and the pinned source archive is cached):
+
+* PREPARED/llama.cpp-src.tar.gz: the pinned llama.cpp (from the llama-cpp-python 0.3.36
+  sdist, tests/support/llama_src.py) without what the llama-server and llama-bench targets
+  never read: models/, docs/, media/, tests/, examples/, pocs/, benches/ and the other ggml
+  backends (all behind CMake options that are off: LLAMA_BUILD_TESTS/EXAMPLES OFF, no
+  GGML_<backend>);
+* PREPARED/plan.json: for each GPU profile, the llama-server arguments the deploy renders
+  (llamahost.render.server_args, the spec of a host with that profile) and the plan's memory
+  estimate for the generated model (llamahost.plan.plan_host on the generated file's tensor
+  table), plus the build's CMake arguments (llamahost.build / llamahost.gpu).
+
+usage: python -m tests.gpu_check.prepare [PREPARED]   (default .cache/gpu_check)
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from llamahost.build import BASE_CMAKE_ARGS, BUILD_TARGETS
+from llamahost.config import PINNED_LLAMA_CPP_COMMIT
+from llamahost.gguf_header import Header, LongArray, Tensor
+from llamahost.memory import MIB, ModelShape
+from llamahost.plan import plan_host
+from llamahost.profiles import GPU_PROFILES, PROFILES
+from llamahost.render import server_args
+from llamahost.spec import resolve_host
+from tests.gpu_check import seedgguf
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DIR = REPO / ".cache" / "gpu_check"
+SOURCE_NAME = "llama.cpp-src.tar.gz"
+LIMIT_BYTES = 60_000_000
+
+# Top-level folders of the source the two targets never read, and ggml backends left off.
+DROP_TOP = ("models", "docs", "media", "tests", "examples", "pocs", "benches", "gguf-py", "ci")
+DROP_BACKENDS = (
+    "cann",
+    "et",
+    "hexagon",
+    "hip",
+    "metal",
+    "musa",
+    "opencl",
+    "openvino",
+    "sycl",
+    "virtgpu",
+    "vulkan",
+    "webgpu",
+    "zdnn",
+    "zendnn",
+)
+DROP_NESTED = ("tools/ui/tests",)
+
+# The profiles in the order the check serves them.
+ORDER = ("low-latency", "balanced", "long-context")
+
+# Placeholders the device side fills in.
+PLACEHOLDERS = {"-m": "{model}", "--port": "{port}", "--api-key-file": "{api_key_file}"}
+
+
+def keep(member: str) -> bool:
+    """Whether a path inside the archive (under its one top folder) is carried."""
+    parts = member.split("/", 1)
+    if len(parts) < 2 or not parts[1]:
+        return True
+    rel = parts[1]
+    top = rel.split("/", 1)[0]
+    if top in DROP_TOP:
+        return False
+    if any(
+        rel == f"ggml/src/ggml-{b}" or rel.startswith(f"ggml/src/ggml-{b}/") for b in DROP_BACKENDS
+    ):
+        return False
+    return not any(rel == d or rel.startswith(d + "/") for d in DROP_NESTED)
+
+
+def trim(archive: Path, out: Path) -> dict[str, int]:
+    """Copy the archive's kept members into out (a reproducible .tar.gz)."""
+    kept = dropped = size = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    with (
+        tarfile.open(archive) as src,
+        gzip.GzipFile(partial, "wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as dst,
+    ):
+        for m in src:
+            if not keep(m.name):
+                dropped += 1
+                continue
+            kept += 1
+            size += m.size if m.isfile() else 0
+            f = src.extractfile(m) if m.isfile() else None
+            dst.addfile(m, io.BytesIO(f.read()) if f is not None else None)
+    partial.rename(out)
+    return {
+        "files_kept": kept,
+        "files_dropped": dropped,
+        "bytes_unpacked": size,
+        "bytes_archive": out.stat().st_size,
+    }
+
+
+def generated_shape(c: seedgguf.Config = seedgguf.SEED_OSS_36B) -> ModelShape:
+    """The planner's shape of the generated file, from its tensor table and metadata, read the
+    same way as a real header (llamahost.memory.ModelShape.from_header)."""
+    meta: dict[str, Any] = {}
+    for key, _kind, value in seedgguf.metadata(c):
+        meta[key] = LongArray(len(value)) if isinstance(value, list) else value
+    tensors = tuple(Tensor(t.name, t.dims, t.type_name, t.nbytes) for t in seedgguf.tensor_table(c))
+    return ModelShape.from_header(Header(meta, tensors, 0))
+
+
+def profile_plan(name: str, shape: ModelShape) -> dict[str, Any]:
+    spec = resolve_host("gpu-check", {"llama_profile": name})
+    args = server_args(spec.cfg, cpu_count=0)
+    for flag, placeholder in PLACEHOLDERS.items():
+        args[args.index(flag) + 1] = placeholder
+    args[args.index("--threads") + 1] = "{threads}"
+    hp = plan_host(spec, shape, "generated GGUF tensor table")
+    assert hp.est is not None
+    e = hp.est
+    p = spec.cfg.profile
+    return {
+        "args": args,
+        "slots": p.parallel,
+        "context": p.context,
+        "micro_batch": p.micro_batch,
+        "kv_unified": p.kv_unified,
+        "plan_fits_a100": hp.fits,
+        "plan_gpu_memory_mib": spec.cfg.gpu_memory_mib,
+        "plan_mib": {
+            "model": round(e.weights_gpu / MIB, 2),
+            "model_host": round(e.weights_host / MIB, 2),
+            "KV": round(e.kv / MIB, 2),
+            "compute": round(e.compute / MIB, 2),
+            "reserve": round(e.reserve / MIB, 2),
+            "total": round(e.total_gpu / MIB, 2),
+        },
+    }
+
+
+def plan() -> dict[str, Any]:
+    shape = generated_shape()
+    assert set(ORDER) == set(GPU_PROFILES), "the check serves every GPU profile"
+    return {
+        "commit": PINNED_LLAMA_CPP_COMMIT,
+        "targets": [*BUILD_TARGETS, "llama-bench"],
+        # the production static set; GGML_CUDA, the architecture and nvcc come on the device
+        "cmake_args": list(BASE_CMAKE_ARGS),
+        "shape": shape.to_dict(),
+        "profiles": {name: profile_plan(name, shape) for name in ORDER if name in PROFILES},
+    }
+
+
+def main(argv: list[str]) -> int:
+    from tests.support.llama_src import archive
+
+    out_dir = Path(argv[0]) if argv else DEFAULT_DIR
+    src = trim(archive(), out_dir / SOURCE_NAME)
+    if src["bytes_unpacked"] >= LIMIT_BYTES:
+        print(
+            f"trimmed source is {src['bytes_unpacked']} bytes, over {LIMIT_BYTES}", file=sys.stderr
+        )
+        return 1
+    doc = {**plan(), "source": src}
+    (out_dir / "plan.json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps({"dir": str(out_dir), **src}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

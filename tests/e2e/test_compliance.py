@@ -101,10 +101,15 @@ def deploy(site: Site) -> Run:
 
 
 def assert_all_pass(c: Compliance) -> None:
-    """Every non-GPU check passed; every GPU check was skipped, saying why."""
+    """Every non-GPU check passed; every GPU check was skipped, saying why, and so was every
+    gateway check (the test host is in no group `gateway`)."""
     assert c.rc == 0 and not c.failed, c.summary()
     gpu = {k: v for k, v in c.skipped.items() if k.startswith("test_gpu::")}
-    assert gpu == c.skipped, f"non-GPU checks skipped: {set(c.skipped) - set(gpu)}"
+    gateway = {k: v for k, v in c.skipped.items() if k.startswith("test_gateway::")}
+    assert {**gpu, **gateway} == c.skipped, (
+        f"checks skipped: {set(c.skipped) - set(gpu) - set(gateway)}"
+    )
+    assert all("is not in group 'gateway'" in why for why in gateway.values()), gateway
     assert len(gpu) >= 7, c.summary()
     assert all("uses no GPU" in why for why in gpu.values()), gpu
     assert not any(k.startswith("test_gpu::") for k in c.passed)

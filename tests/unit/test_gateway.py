@@ -10,6 +10,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from llamahost.gateway.clients import client_map, parse_client_keys
 from llamahost.spec import HostSpec, resolve_host
 
 FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).resolve().parents[2]
 ALICE = "alice-key-0123456789abcdef"
 BOB = "bob-key-0123456789abcdef01"
 
@@ -158,9 +160,12 @@ def render(keys_file: Path, **gw: Any) -> str:
 def test_every_served_host_is_a_server_with_maxconn_its_slots(keys_file: Path) -> None:
     cfg = render(keys_file)
     assert "balance leastconn" in cfg
-    assert "server a abns@llamahost-a maxconn 2 check" in cfg
-    assert "server b.example abns@llamahost-b.example maxconn 4 check" in cfg
-    assert "server a 10.0.0.1:8080" in cfg and "server b.example 10.0.0.2:8081" in cfg
+    assert "server a abns@llamahost-a maxconn 2 track llamahost-a/a" in cfg
+    assert "server b.example abns@llamahost-b.example maxconn 4 track" in cfg
+    # Each host's health is checked on the host itself, and a refused connection takes it
+    # out at once.
+    assert "server a 10.0.0.1:8080 check" in cfg and "server b.example 10.0.0.2:8081 check" in cfg
+    assert cfg.count("observe layer4 error-limit 1 on-error mark-down") == 2
     assert "timeout queue 30s" in cfg and "hdr Retry-After 5" in cfg
     assert "ssl-min-ver TLSv1.2" in cfg and "sc_http_req_rate(0) gt 600" in cfg
     assert ALICE not in cfg and BOB not in cfg
@@ -383,6 +388,79 @@ def test_keys_limits_and_bodies_answered_by_the_gateway(live_gateway: str, tmp_p
     codes = [post(ALICE).status_code for _ in range(4)]
     assert codes == [200, 200, 200, 429], codes
     assert post(ALICE).headers.get("Retry-After") == "60"
+
+
+def _backend(port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "tests.support.sse_backend", str(port)],
+                            cwd=ROOT, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+@HAPROXY
+def test_a_killed_backend_costs_only_its_requests_in_flight(
+    keys_file: Path, tmp_path: Path
+) -> None:
+    """3 hosts of 2 slots under 6 streaming clients; one host's server is killed -9 and comes
+    back 8 s later. Only the requests it was answering fail: none arriving in the moments
+    before the gateway notices is answered 503, though every other slot is busy."""
+    ports = [_free_port() for _ in range(3)]
+    backends = [_backend(p) for p in ports]
+    gport = _free_port()
+    gw = spec("gw", gateway_data(keys_file, llama_gateway_listen="127.0.0.1",
+                                 llama_gateway_port=gport), gateway=True)  # fmt: skip
+    servers = [hx.Server(host=f"h{i}", name=f"h{i}", address=f"127.0.0.1:{p}", maxconn=2)
+               for i, p in enumerate(ports)]  # fmt: skip
+    path = local_config(hx.haproxy_cfg("gw", gw.gateway, servers), tmp_path)
+    (tmp_path / "backend-keys.map").write_text("".join(f"h{i} k\n" for i in range(3)))
+    proxy = subprocess.Popen(["haproxy", "-db", "-f", str(path)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    url, ca = f"https://127.0.0.1:{gport}/v1/chat/completions", str(tmp_path / "c")
+    ok, cut, refused = [0], list[object](), list[int]()
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                r = requests.post(url, json={"stream": True}, verify=ca, stream=True, timeout=30,
+                                  headers={"Authorization": f"Bearer {ALICE}"})  # fmt: skip
+                if r.status_code != 200:
+                    refused.append(r.status_code)
+                    continue
+                n = sum(1 for line in r.iter_lines() if line.startswith(b"data: "))
+                ok[0] += n == 40
+                if n != 40:
+                    cut.append(n)
+            except requests.RequestException as e:
+                cut.append(type(e).__name__)
+            if cut or refused:
+                time.sleep(0.5)
+
+    try:
+        for _ in range(100):
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(url.replace("/v1/chat/completions", "/health"), verify=ca,
+                                timeout=2).ok:  # fmt: skip
+                    break
+            time.sleep(0.1)
+        time.sleep(2)  # every server's first check passed
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(3)
+        backends[1].kill()
+        time.sleep(8)
+        backends[1] = _backend(ports[1])
+        time.sleep(5)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        stop.set()
+        proxy.terminate()
+        for b in backends:
+            b.kill()
+    assert refused == [], refused
+    assert 1 <= len(cut) <= 2, cut  # the killed server's 2 slots
+    assert ok[0] > 20
 
 
 # ---------------------------------------------------------------- runtime API

@@ -13,15 +13,14 @@ and no key is in the configuration, on a command line or in a diff.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from llamahost import layout, render
-from llamahost.checks import PREFIX, ConfigError, FieldError
+from llamahost.addresses import hostport, reach
+from llamahost.checks import PREFIX
 from llamahost.gateway.settings import RETRY_AFTER_S, GatewayConfig
-from llamahost.monitoring.exporters import hostport
 from llamahost.spec import HostSpec
 
 BACKEND = "llama"  # the backend every served host is a server of
@@ -47,29 +46,8 @@ def server_name(host_name: str) -> str:
 
 
 def _reach(gateway: str, spec: HostSpec) -> str:
-    listen = spec.profile.host
-    ip = ipaddress.ip_address(listen)
-    if spec.name == gateway:
-        return ("::1" if ip.version == 6 else "127.0.0.1") if ip.is_unspecified else listen
-    address = spec.address
-    try:
-        same_machine = ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        same_machine = False
-    if ip.is_loopback and not same_machine:
-        raise ConfigError(
-            spec.name,
-            [
-                FieldError(
-                    PREFIX + "host",
-                    listen,
-                    f"llama-server listens on loopback only, so the gateway {gateway!r} cannot "
-                    "reach it: listen on 0.0.0.0 or an address the gateway reaches (and "
-                    "firewall the port to the gateways, docs/gateway.md)",
-                )
-            ],
-        )
-    return address
+    return reach(gateway, spec.name, spec.address, spec.profile.host, "llama-server",
+                 PREFIX + "host")  # fmt: skip
 
 
 def servers(gateway: str, served: Iterable[HostSpec]) -> list[Server]:

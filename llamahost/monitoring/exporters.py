@@ -6,14 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llamahost import layout
+from llamahost.addresses import hostport
 from llamahost.monitoring.settings import MonitoringConfig
 
 MODEL_FS_METRIC = "llamahost_model_filesystem_info"
 OWN_METRICS = (MODEL_FS_METRIC,)
-
-
-def hostport(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def node_exporter_args(mon: MonitoringConfig) -> str:

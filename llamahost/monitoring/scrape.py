@@ -13,14 +13,13 @@ label ``llama-server`` so rules and dashboards see one job.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from llamahost import layout, render
-from llamahost.checks import PREFIX, ConfigError, FieldError
-from llamahost.monitoring.exporters import hostport
+from llamahost.addresses import hostport, local, reach
+from llamahost.checks import PREFIX
 from llamahost.monitoring.settings import MonitoringConfig
 from llamahost.spec import HostSpec
 
@@ -69,30 +68,8 @@ class Target:
     key_file: str  # the credentials file on the monitoring host
 
 
-def _loopback_for(listen: str) -> str | None:
-    """The address a process on the same host uses; None if only other hosts can."""
-    ip = ipaddress.ip_address(listen)
-    if ip.is_unspecified:
-        return "::1" if ip.version == 6 else "127.0.0.1"
-    return listen
-
-
 def _reach(monitoring_host: str, s: ServedHost, listen: str, what: str, key: str) -> str:
-    if s.name == monitoring_host:
-        return _loopback_for(listen) or listen
-    if ipaddress.ip_address(listen).is_loopback:
-        raise ConfigError(
-            s.name,
-            [
-                FieldError(
-                    key,
-                    listen,
-                    f"{what} listens on loopback only, so Prometheus on {monitoring_host!r} "
-                    "cannot reach it: listen on 0.0.0.0 or an address it can reach",
-                )
-            ],
-        )
-    return s.address
+    return reach(monitoring_host, s.name, s.address, listen, what, key)
 
 
 def key_file(host_name: str) -> str:
@@ -135,7 +112,7 @@ def prometheus_yml(monitoring_host: str, mon: MonitoringConfig, scrape: list[Tar
         host=monitoring_host,
         mon=mon,
         self_target=hostport(
-            _loopback_for(mon.monitoring_prometheus_host) or "127.0.0.1",
+            local(mon.monitoring_prometheus_host),
             mon.monitoring_prometheus_port,
         ),
         targets=scrape,

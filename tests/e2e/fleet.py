@@ -1,12 +1,17 @@
 """The multi-host test fleet, shared by the fleet bring-up (test_fleet.py) and the gateway
 (test_gateway.py) tests: three fresh Debian 12 hosts in one inventory file with a build cache
 of their own, brought up once per test session (one llama.cpp compile), removed at the end.
+
+Every host's llama-server listens on the same port at an address of its own: the hosts share
+this machine's network, so each gets a loopback address of this session's (127.77.X.Y);
+their SSH servers stay on 127.0.0.1, each on its own port.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -33,18 +38,19 @@ class Fleet:
     """Test hosts in one inventory file, with a build cache of their own."""
 
     hosts: dict[str, testhost.TestHost]
-    ports: dict[str, int]
+    addresses: dict[str, str]  # where each host's llama-server listens
+    port: int  # the llama port, the same on every host
     inventory: Path
     cache: Path
     timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def create(cls, names: list[str], hub_url: str, workdir: Path) -> Fleet:
-        hosts, ports = {}, {}
+        hosts = {}
+        addresses, port = own_addresses(len(names))
         try:
             for n in names:
                 hosts[n] = testhost.create(n, free_port())
-                ports[n] = free_port()
         except BaseException:
             for n in hosts:
                 testhost.destroy(n)
@@ -53,9 +59,10 @@ class Fleet:
         # (development only) reuses built trees across sessions.
         cache = Path(os.environ.get("LLAMAHOST_TEST_BUILD_CACHE") or workdir / "build-cache")
         inventory = workdir / "fleet_inventory.py"
-        data = [(n, host_data(hosts[n], ports[n], hub_url, cache)) for n in names]
+        by_name = dict(zip(names, addresses, strict=True))
+        data = [(n, host_data(hosts[n], by_name[n], port, hub_url, cache)) for n in names]
         inventory.write_text(f"hosts = {data!r}\n")
-        return cls(hosts, ports, inventory, cache)
+        return cls(hosts, by_name, port, inventory, cache)
 
     def destroy(self) -> None:
         for n in self.hosts:
@@ -73,12 +80,37 @@ class Fleet:
     def sh(self, name: str, command: str, check: bool = True) -> str:
         return self.hosts[name].run(command, check=check).stdout
 
+    def url(self, name: str) -> str:
+        """The llama-server of host ``name``, directly."""
+        return f"http://{self.addresses[name]}:{self.port}"
+
     def health(self, name: str) -> int:
-        r = requests.get(f"http://127.0.0.1:{self.ports[name]}/health", timeout=30)
-        return r.status_code
+        return requests.get(f"{self.url(name)}/health", timeout=30).status_code
 
 
-def host_data(host: testhost.TestHost, port: int, hub_url: str, cache: Path) -> dict[str, Any]:
+def _bindable(address: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def own_addresses(n: int) -> tuple[list[str], int]:
+    """``n`` loopback addresses of this session's own, and a port free on all of them."""
+    net = 1 + os.getpid() % 250
+    addresses = [f"127.77.{net}.{i + 2}" for i in range(n)]
+    for _ in range(100):
+        port = free_port()
+        if all(_bindable(a, port) for a in addresses):
+            return addresses, port
+    raise RuntimeError(f"no port free on all of {addresses}")
+
+
+def host_data(
+    host: testhost.TestHost, address: str, port: int, hub_url: str, cache: Path
+) -> dict[str, Any]:
     """inventory/local.py's data for one test host, with the fleet's shared cache."""
     return {
         "ssh_hostname": "127.0.0.1",
@@ -88,6 +120,7 @@ def host_data(host: testhost.TestHost, port: int, hub_url: str, cache: Path) -> 
         "ssh_known_hosts_file": host.known_hosts,
         "ssh_strict_host_key_checking": "yes",
         "llama_profile": "cpu-demo",
+        "llama_host": address,
         "llama_port": port,
         "llama_model_repo": MODEL_REPO,
         "llama_model_file": MODEL_FILE,

@@ -80,7 +80,7 @@ def test_every_host_serves(fleet: Fleet, first: Run) -> None:
         assert fleet.health(n) == 200, n
         key = fleet.sh(n, "cat /etc/llama-server/api-key").strip()
         r = requests.post(
-            f"http://127.0.0.1:{fleet.ports[n]}/v1/chat/completions",
+            f"{fleet.url(n)}/v1/chat/completions",
             json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
             headers={"Authorization": f"Bearer {key}"},
             timeout=60,
@@ -159,7 +159,7 @@ def role_lines(run: Run, name: str) -> list[str]:
 def chat(fleet: Fleet, name: str) -> int:
     key = fleet.sh(name, "cat /etc/llama-server/api-key").strip()
     r = requests.post(
-        f"http://127.0.0.1:{fleet.ports[name]}/v1/chat/completions",
+        f"{fleet.url(name)}/v1/chat/completions",
         json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
         headers={"Authorization": f"Bearer {key}"},
         timeout=120,

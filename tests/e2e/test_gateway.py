@@ -59,7 +59,8 @@ class Gateway:
         names = hosts or list(self.fleet.hosts)
         f = self.fleet
         data = {
-            n: {**host_data(f.hosts[n], f.ports[n], self._hub(), f.cache), **self.served_data}
+            n: host_data(f.hosts[n], f.addresses[n], f.port, self._hub(), f.cache)
+            | self.served_data
             for n in names
         }
         data[self.name].update(
@@ -220,6 +221,14 @@ def invocation(fleet: Fleet, n: str) -> str:
 
 
 # ---------------------------------------------------------------- tests
+def test_each_host_is_a_server_at_its_own_address_and_the_same_port(gateway: Gateway) -> None:
+    f = gateway.fleet
+    cfg = f.sh(gateway.name, "cat /etc/haproxy/haproxy.cfg")
+    for n in f.hosts:
+        assert f"    server {hx.server_name(n)} {f.addresses[n]}:{f.port} check" in cfg, n
+    assert len(set(f.addresses.values())) == len(f.hosts)
+
+
 def test_a_rerun_changes_nothing(gateway: Gateway) -> None:
     haproxy_pid = gateway.fleet.sh(gateway.name, "systemctl show haproxy -p MainPID --value")
     run = gateway.deploy()
@@ -381,7 +390,7 @@ def test_without_the_gateway_a_restart_cuts_requests(gateway: Gateway) -> None:
     g = gateway
     n = list(g.fleet.hosts)[-1]
     key = g.fleet.sh(n, "cat /etc/llama-server/api-key").strip()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{g.fleet.ports[n]}/v1", api_key=key,
+    client = openai.OpenAI(base_url=f"{g.fleet.url(n)}/v1", api_key=key,
                            max_retries=0)  # fmt: skip
     failed, ok = [], 0
     stop = threading.Event()
@@ -508,7 +517,7 @@ def test_time_to_first_token_through_the_gateway_and_direct(gateway: Gateway) ->
     g = gateway
     n = g.name
     key = g.fleet.sh(n, "cat /etc/llama-server/api-key").strip()
-    direct = openai.OpenAI(base_url=f"http://127.0.0.1:{g.fleet.ports[n]}/v1", api_key=key)
+    direct = openai.OpenAI(base_url=f"{g.fleet.url(n)}/v1", api_key=key)
     via = g.client(g.clients["alice"])
     d = sorted(_ttft(direct) for _ in range(15))
     v = sorted(_ttft(via) for _ in range(15))

@@ -3,7 +3,7 @@
 Reads like the bring-up checklist; each step is one module in tasks/.
 """
 
-from tasks import gateway, gpu, llama_cpp, model, monitoring, packages, preflight, service
+from tasks import firewall, gateway, gpu, llama_cpp, model, monitoring, packages, preflight, service
 
 # 0. Inventory data valid (every setting, one spec per host), its paths free or already
 #    the toolkit's, the distribution supported and the profile's memory planned (else the
@@ -41,18 +41,22 @@ binary = llama_cpp.build(
 # 5. The model downloaded and verified.
 fetched = model.finish(download)
 
-# 6. API key, unit for the host's profile, start; restart only on change (drained on the
+# 6. Exposure: with llama_firewall, the llama port only from the gateway hosts, the
+#    exporters only from the monitoring hosts (before llama-server first listens).
+firewall.apply(spec)
+
+# 7. API key, unit for the host's profile, start; restart only on change (drained on the
 #    gateways, when there are any). Not while a driver reboot is pending.
 key = service.api_key(cfg)
 unit = service.unit(spec, cpus)
 if not stack.gpu or stack.ready:
     service.run(spec, unit, [binary, key, *([fetched] if fetched else [])])
 
-# 7. Monitoring, when the inventory has a `monitoring` group: the exporters here, and on
+# 8. Monitoring, when the inventory has a `monitoring` group: the exporters here, and on
 #    the group's hosts Prometheus scraping every llama-server of the inventory.
 monitoring.exporters(spec)
 monitoring.prometheus(spec)
 
-# 8. Gateway, on the hosts of group `gateway`: HAProxy with TLS and client keys in front of
+# 9. Gateway, on the hosts of group `gateway`: HAProxy with TLS and client keys in front of
 #    every llama-server of the inventory (restarts above go through it, drained).
 gateway.install(spec)

@@ -125,6 +125,13 @@ GATEWAY_PEM = f"{GATEWAY_DIR}/tls.pem"  # certificate chain and key
 GATEWAY_CLIENTS_MAP = f"{GATEWAY_DIR}/client-keys.map"  # client key -> client name
 GATEWAY_BACKEND_KEYS_MAP = f"{GATEWAY_DIR}/backend-keys.map"  # server -> its API key
 GATEWAY_STAGED_CONFIG = f"{GATEWAY_DIR}/haproxy.cfg.staged"
+# The served hosts' firewall (llama_firewall): an nftables table of the toolkit's own, loaded
+# by a unit of its own (Debian's nftables.service would flush every other table).
+FIREWALL_UNIT = "llamahost-firewall.service"
+FIREWALL_TABLE = "llamahost"  # table inet llamahost
+FIREWALL_DIR = "/etc/llamahost"
+FIREWALL_RULES = f"{FIREWALL_DIR}/firewall.nft"
+FIREWALL_STAGED = f"{FIREWALL_DIR}/firewall.nft.staged"
 # A restart the deploy owes llama-server (its inputs changed, the restart has not yet run):
 # kept until it succeeds, so a rollout stopped midway resumes on the next run.
 RESTART_PENDING = "/var/lib/llamahost/llama-server.restart-pending"

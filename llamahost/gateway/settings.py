@@ -13,6 +13,7 @@ from llamahost.checks import (
     FieldError,
     Invalid,
     Setting,
+    boolean,
     integer,
     listen_address,
     optional,
@@ -105,6 +106,15 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
         "connections applies with affinity off).",
     ),
     Setting(
+        "firewall",
+        False,
+        boolean,
+        "On served hosts, an nftables table of the toolkit's own (`inet llamahost`): the llama "
+        "port only from the `gateway` hosts, the exporter ports only from the `monitoring` "
+        "hosts, loopback always; other traffic (SSH included) is left alone. Needs a `gateway` "
+        "group whose hosts' addresses (`llama_monitoring_address` or `ssh_hostname`) are IPs.",
+    ),
+    Setting(
         "rolling_max_unavailable",
         1,
         integer(1, 1000),
@@ -132,6 +142,7 @@ class GatewayConfig:
     gateway_server_timeout: str
     gateway_max_body: int
     gateway_affinity_header: str | None
+    firewall: bool
     rolling_max_unavailable: int
     rolling_drain_timeout: int
 

@@ -1,0 +1,102 @@
+"""The served hosts' firewall, when ``llama_firewall`` is on: which sources may open which
+ports, and the nftables file that says so (docs/gateway.md#exposure). Pure logic.
+
+The rules live in a table of the toolkit's own (``table inet llamahost``), hooked on input
+with policy accept: they only drop new connections to the toolkit's ports from elsewhere,
+never open anything, and leave every other table (a cloud image's own firewall, Docker's)
+alone. The file replaces the table in one transaction, so there is no moment without it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from llamahost import layout, render
+from llamahost.checks import PREFIX, ConfigError, FieldError
+from llamahost.spec import HostSpec
+
+
+@dataclass(frozen=True)
+class Allow:
+    """New TCP connections to ``ports`` only from these addresses (and loopback)."""
+
+    what: str
+    ports: tuple[int, ...]
+    v4: tuple[str, ...]
+    v6: tuple[str, ...]
+    clients: tuple[str, ...]  # the hosts they belong to, for the file's comments
+
+
+def _sources(served: str, group: str, clients: Sequence[HostSpec]) -> tuple[list[str], ...]:
+    v4: list[str] = []
+    v6: list[str] = []
+    errors = []
+    for c in clients:
+        try:
+            ip = ipaddress.ip_address(c.address)
+        except ValueError:
+            errors.append(
+                FieldError(
+                    PREFIX + "firewall",
+                    True,
+                    f"the {group} host {c.name!r} is known by the name {c.address!r}; the "
+                    f"firewall needs its IP address: set llama_monitoring_address of {c.name!r} "
+                    "(or its ssh_hostname) to the address its connections come from",
+                )
+            )
+            continue
+        (v4 if ip.version == 4 else v6).append(str(ip))
+    if errors:
+        raise ConfigError(served, errors)
+    return sorted(set(v4)), sorted(set(v6))
+
+
+def allows(
+    spec: HostSpec, gateways: Sequence[HostSpec], monitors: Sequence[HostSpec]
+) -> list[Allow]:
+    """What the firewall of served host ``spec`` lets in; ConfigError naming ``spec``'s host
+    when it cannot be said."""
+    if not gateways:
+        raise ConfigError(
+            spec.name,
+            [
+                FieldError(
+                    PREFIX + "firewall",
+                    True,
+                    "needs a `gateway` group: the llama port is opened to the gateway hosts only, "
+                    "and with none no client could reach llama-server",
+                )
+            ],
+        )
+    v4, v6 = _sources(spec.name, "gateway", gateways)
+    names = tuple(g.name for g in gateways)
+    out = [Allow("llama-server", (spec.profile.port,), tuple(v4), tuple(v6), names)]
+    if spec.monitored:
+        mon = spec.monitoring
+        ports = [mon.monitoring_node_exporter_port]
+        if spec.uses_gpu:
+            ports.append(mon.monitoring_gpu_exporter_port)
+        v4, v6 = _sources(spec.name, "monitoring", monitors)
+        out.append(
+            Allow("exporters", tuple(ports), tuple(v4), tuple(v6), tuple(m.name for m in monitors))
+        )
+    return out
+
+
+def rules(host: str, allowed: Sequence[Allow]) -> str:
+    """The nftables file (``nft -f``) of served host ``host``."""
+    return render.template(
+        "firewall/llamahost.nft.j2", host=host, allows=allowed, table=layout.FIREWALL_TABLE
+    )
+
+
+def unit() -> str:
+    """The unit that loads the file at boot, before the network and llama-server."""
+    return render.template(
+        "firewall/llamahost-firewall.service.j2",
+        rules=layout.FIREWALL_RULES,
+        table=layout.FIREWALL_TABLE,
+        server_unit=layout.UNIT,
+    )

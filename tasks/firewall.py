@@ -1,0 +1,95 @@
+"""The served host's firewall, when ``llama_firewall`` is on (docs/gateway.md#exposure):
+nftables from the distribution, a table of the toolkit's own (``inet llamahost``) that lets
+the llama port be opened only by the `gateway` hosts and the exporter ports only by the
+`monitoring` hosts, loaded at boot by a unit of its own.
+
+The rules are staged, checked with ``nft -c``, and only then put in place and loaded (one
+transaction replaces the table). Turned off again, the unit is stopped (which deletes the
+table) and its files removed.
+"""
+
+from __future__ import annotations
+
+from io import StringIO
+
+from pyinfra.context import host, inventory
+from pyinfra.facts.files import File, Sha256File
+from pyinfra.operations import apt, files, server, systemd
+
+from llamahost import firewall as fw
+from llamahost import layout
+from llamahost.checks import ConfigError
+from llamahost.gateway.settings import GROUP as GATEWAY_GROUP
+from llamahost.monitoring.settings import GROUP as MONITORING_GROUP
+from llamahost.spec import HostSpec
+from tasks.activate import activate
+from tasks.gateway import served_specs
+from tasks.preflight import refuse
+
+UNIT_PATH = f"{layout.SYSTEMD_DIR}/{layout.FIREWALL_UNIT}"
+
+
+def apply(spec: HostSpec) -> None:
+    """The firewall in place on a served host with ``llama_firewall`` on; removed when off."""
+    if not spec.gateway.firewall:
+        _remove()
+        return
+    specs = {s.name: s for s in served_specs()}
+    gateways = [specs[h.name] for h in inventory.get_group(GATEWAY_GROUP, [])]
+    monitors = [specs[h.name] for h in inventory.get_group(MONITORING_GROUP, [])]
+    try:
+        allowed = fw.allows(spec, gateways, monitors)
+    except ConfigError as e:
+        raise refuse(str(e)) from None
+    pkg = apt.packages(
+        name="Install nftables",
+        packages=["nftables"],
+        update=True,
+        cache_time=24 * 3600,
+        no_recommends=True,
+    )
+    files.directory(name="llamahost firewall directory", path=layout.FIREWALL_DIR,
+                    user="root", group="root", mode="0755")  # fmt: skip
+    staged = files.put(
+        name="Stage the firewall rules",
+        src=StringIO(fw.rules(host.name, allowed)),
+        dest=layout.FIREWALL_STAGED,
+        mode="0644",
+    )
+    live_sha = host.get_fact(Sha256File, path=layout.FIREWALL_RULES)
+    same = live_sha is not None and live_sha == host.get_fact(
+        Sha256File, path=layout.FIREWALL_STAGED
+    )
+    staged_q, live_q = layout.FIREWALL_STAGED, layout.FIREWALL_RULES
+    # Shell because the check is nft's own: a file it refuses never replaces the live one.
+    rules = server.shell(
+        name="Check the firewall rules (nft -c) and put them in place",
+        commands=[
+            f"nft -c -f {staged_q} && install -m 0644 {staged_q} {live_q}.new"
+            f" && mv -f {live_q}.new {live_q}"
+        ],
+        _if=staged.did_change if same else None,
+    )
+    unit = files.put(
+        name=f"Unit {layout.FIREWALL_UNIT}",
+        src=StringIO(fw.unit()),
+        dest=UNIT_PATH,
+        mode="0644",
+    )
+    activate(
+        layout.FIREWALL_UNIT,
+        unit_file=unit,
+        installed_by=[pkg],
+        reload_on=[rules],
+        why="its unit changed",
+    )
+
+
+def _remove() -> None:
+    if not host.get_fact(File, path=UNIT_PATH):
+        return
+    systemd.service(name=f"Stop and disable {layout.FIREWALL_UNIT} (llama_firewall is off)",
+                    service=layout.FIREWALL_UNIT, running=False, enabled=False)  # fmt: skip
+    for path in (UNIT_PATH, layout.FIREWALL_RULES, layout.FIREWALL_STAGED):
+        files.file(name=f"Remove {path}", path=path, present=False)
+    systemd.daemon_reload(name="Reload systemd units (firewall removed)")

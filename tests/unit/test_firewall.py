@@ -1,0 +1,140 @@
+"""The served hosts' firewall: who may open which port, the nftables file, and that file
+loaded by a real nft in network namespaces of the test's own (root only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from llamahost import firewall as fw
+from llamahost.checks import ConfigError
+from llamahost.spec import HostSpec, resolve_host
+
+
+def spec(name: str, address: str, monitored: bool = False, **data: Any) -> HostSpec:
+    return resolve_host(
+        name,
+        {"ssh_hostname": address, "llama_profile": "cpu-demo", **data},
+        monitored=monitored,
+    )
+
+
+def test_off_unless_asked() -> None:
+    assert spec("a", "10.0.0.2").gateway.firewall is False
+
+
+def test_the_llama_port_from_the_gateways_the_exporters_from_monitoring() -> None:
+    a = spec("a", "10.0.0.2", monitored=True, llama_firewall=True, llama_port=8081)
+    gws = [spec("gw", "10.0.0.1"), spec("gw6", "fd00::1")]
+    allowed = fw.allows(a, gws, [spec("mon", "10.0.0.9")])
+    assert allowed == [
+        fw.Allow("llama-server", (8081,), ("10.0.0.1",), ("fd00::1",), ("gw", "gw6")),
+        fw.Allow("exporters", (9100,), ("10.0.0.9",), (), ("mon",)),
+    ]
+    text = fw.rules("a", allowed)
+    assert "tcp dport { 8081 } ip saddr { 10.0.0.1 } accept" in text
+    assert "tcp dport { 8081 } ip6 saddr { fd00::1 } accept" in text
+    assert "tcp dport { 9100 } counter drop" in text
+    assert "dport { 22 }" not in text and "policy accept" in text
+
+
+def test_no_gateway_or_a_gateway_known_by_name_is_refused() -> None:
+    a = spec("a", "10.0.0.2", llama_firewall=True)
+    with pytest.raises(ConfigError) as e:
+        fw.allows(a, [], [])
+    assert e.value.host == "a" and e.value.errors[0].key == "llama_firewall"
+    assert "needs a `gateway` group" in e.value.errors[0].allowed
+    with pytest.raises(ConfigError) as e:
+        fw.allows(a, [spec("gw", "gw.example")], [])
+    assert "'gw' is known by the name 'gw.example'" in e.value.errors[0].allowed
+
+
+# ---------------------------------------------------------------- a real nft
+REAL = pytest.mark.skipif(
+    os.geteuid() != 0 or not (shutil.which("nft") and shutil.which("ip")),
+    reason="needs root, nft and ip (make sysdeps installs nftables) for network namespaces",
+)
+
+
+def sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def namespaces() -> Iterator[dict[str, str]]:
+    """Namespaces of the test's own: `srv` (the served host) joined by a veth pair each to
+    `gw` (10.231.1.2 → 10.231.1.1) and `out` (10.231.2.2 → 10.231.2.1); this machine's own
+    network is never touched."""
+    tag = uuid.uuid4().hex[:6]
+    ns = {n: f"llh-{n}-{tag}" for n in ("srv", "gw", "out")}
+    try:
+        for n in ns.values():
+            sh("ip", "netns", "add", n)
+            sh("ip", "-n", n, "link", "set", "lo", "up")
+        for i, peer in ((1, "gw"), (2, "out")):
+            a, b = f"v{i}s{tag}", f"v{i}p{tag}"
+            sh("ip", "link", "add", a, "netns", ns["srv"], "type", "veth", "peer", b,
+               "netns", ns[peer])  # fmt: skip
+            sh("ip", "-n", ns["srv"], "addr", "add", f"10.231.{i}.1/24", "dev", a)
+            sh("ip", "-n", ns[peer], "addr", "add", f"10.231.{i}.2/24", "dev", b)
+            sh("ip", "-n", ns["srv"], "link", "set", a, "up")
+            sh("ip", "-n", ns[peer], "link", "set", b, "up")
+        yield ns
+    finally:
+        for n in ns.values():
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+
+
+def connects(ns: str, address: str, port: int) -> bool:
+    code = (
+        "import socket,sys\n"
+        "try:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2)\n"
+        "except OSError: sys.exit(1)\n"
+    )
+    argv = ["ip", "netns", "exec", ns, sys.executable, "-c", code, address, str(port)]
+    return subprocess.run(argv, capture_output=True).returncode == 0
+
+
+@REAL
+def test_the_rules_loaded_by_nft_let_only_the_gateway_in(namespaces: dict[str, str]) -> None:
+    srv = namespaces["srv"]
+    llama, other = 8080, 2222  # `other` stands for SSH: not the toolkit's port
+    a = spec("a", "10.231.1.1", llama_firewall=True, llama_port=llama)
+    text = fw.rules("a", fw.allows(a, [spec("gw", "10.231.1.2")], []))
+    serve = ["ip", "netns", "exec", srv, sys.executable, "-m", "http.server", "--bind", "::"]
+    listeners = [
+        subprocess.Popen([*serve, str(p)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for p in (llama, other)
+    ]
+    try:
+        for _ in range(50):
+            if connects(namespaces["gw"], "10.231.1.1", other):
+                break
+            time.sleep(0.1)
+        # Without the rules, everyone reaches both ports: the probe can see a difference.
+        assert connects(namespaces["out"], "10.231.2.1", llama)
+        subprocess.run(["ip", "netns", "exec", srv, "nft", "-f", "-"], input=text, text=True,
+                       check=True)  # fmt: skip
+        assert connects(namespaces["gw"], "10.231.1.1", llama)
+        assert not connects(namespaces["out"], "10.231.2.1", llama)
+        assert connects(namespaces["out"], "10.231.2.1", other)  # left alone
+        # Loading it again replaces the table (one transaction), it does not add to it.
+        subprocess.run(["ip", "netns", "exec", srv, "nft", "-f", "-"], input=text, text=True,
+                       check=True)  # fmt: skip
+        listed = json.loads(sh("ip", "netns", "exec", srv, "nft", "-j", "list", "ruleset"))
+        rules = [x["rule"] for x in listed["nftables"] if "rule" in x]
+        assert len(rules) == 3 and {r["table"] for r in rules} == {"llamahost"}, rules
+    finally:
+        for p in listeners:
+            p.kill()
+    # This machine's own ruleset has no such table.
+    assert "llamahost" not in sh("nft", "list", "tables")

@@ -10,6 +10,7 @@ alone. The file replaces the table in one transaction, so there is no moment wit
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,3 +101,47 @@ def unit() -> str:
         table=layout.FIREWALL_TABLE,
         server_unit=layout.UNIT,
     )
+
+
+# What a rule does, as the compliance check compares it: (ports, sources, verdict); the
+# loopback rule aside. Sources are normalised addresses, empty for a drop.
+Rule = tuple[tuple[int, ...], tuple[str, ...], str]
+
+
+def expected(allowed: Sequence[Allow]) -> set[Rule]:
+    out: set[Rule] = set()
+    for a in allowed:
+        ports = tuple(sorted(a.ports))
+        for sources in (a.v4, a.v6):
+            if sources:
+                out.add((ports, tuple(sorted(sources)), "accept"))
+        out.add((ports, (), "drop"))
+    return out
+
+
+def loaded(nft_json: str) -> set[Rule]:
+    """``nft -j list table inet llamahost`` → its rules, as ``expected`` says them."""
+    out: set[Rule] = set()
+    for item in json.loads(nft_json).get("nftables", []):
+        rule = item.get("rule")
+        if rule is None:
+            continue
+        ports: tuple[int, ...] = ()
+        sources: tuple[str, ...] = ()
+        verdict, loopback = "", False
+        for e in rule.get("expr", []):
+            m = e.get("match")
+            if m:
+                right = m.get("right")
+                values = right["set"] if isinstance(right, dict) and "set" in right else [right]
+                field = m.get("left", {}).get("payload", {}).get("field")
+                if field == "dport":
+                    ports = tuple(sorted(int(v) for v in values))
+                elif field == "saddr":
+                    sources = tuple(sorted(str(ipaddress.ip_address(v)) for v in values))
+                elif "meta" in m.get("left", {}):
+                    loopback = True
+            verdict = next((v for v in ("accept", "drop", "reject") if v in e), verdict)
+        if not loopback:
+            out.add((ports, sources, verdict))
+    return out

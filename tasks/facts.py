@@ -164,3 +164,15 @@ class KeyDigest(FactBase[str | None]):
 
     def process(self, output: list[str]) -> str | None:
         return output[0].split()[0] if output else None
+
+
+class NftTable(FactBase[str | None]):
+    """``nft -j list table inet TABLE``: the table as JSON; None when it is not loaded (or
+    nft is not installed)."""
+
+    def command(self, table: str) -> str:
+        return f"nft -j list table inet {table} 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> str | None:
+        text = "\n".join(output).strip()
+        return text or None

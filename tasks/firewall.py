@@ -13,6 +13,7 @@ from __future__ import annotations
 from io import StringIO
 
 from pyinfra.context import host, inventory
+from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import File, Sha256File
 from pyinfra.operations import apt, files, server, systemd
 
@@ -23,6 +24,7 @@ from llamahost.gateway.settings import GROUP as GATEWAY_GROUP
 from llamahost.monitoring.settings import GROUP as MONITORING_GROUP
 from llamahost.spec import HostSpec
 from tasks.activate import activate
+from tasks.facts import NftTable
 from tasks.gateway import served_specs
 from tasks.preflight import refuse
 
@@ -41,13 +43,16 @@ def apply(spec: HostSpec) -> None:
         allowed = fw.allows(spec, gateways, monitors)
     except ConfigError as e:
         raise refuse(str(e)) from None
-    pkg = apt.packages(
-        name="Install nftables",
-        packages=["nftables"],
-        update=True,
-        cache_time=24 * 3600,
-        no_recommends=True,
-    )
+    # Installed already (cloud images often have it): no package index update either.
+    pkg = None
+    if "nftables" not in host.get_fact(DebPackages):
+        pkg = apt.packages(
+            name="Install nftables",
+            packages=["nftables"],
+            update=True,
+            cache_time=24 * 3600,
+            no_recommends=True,
+        )
     files.directory(name="llamahost firewall directory", path=layout.FIREWALL_DIR,
                     user="root", group="root", mode="0755")  # fmt: skip
     staged = files.put(
@@ -76,13 +81,24 @@ def apply(spec: HostSpec) -> None:
         dest=UNIT_PATH,
         mode="0644",
     )
+    live = host.get_fact(NftTable, table=layout.FIREWALL_TABLE)
+    drifted = host.get_fact(File, path=UNIT_PATH) is not None and (
+        live is None or fw.loaded(live) != fw.expected(allowed)
+    )
     activate(
         layout.FIREWALL_UNIT,
         unit_file=unit,
-        installed_by=[pkg],
+        installed_by=[pkg] if pkg else [],
         reload_on=[rules],
         why="its unit changed",
     )
+    if drifted:
+        # Deleted or edited by hand: loaded again (when new rules have not just been).
+        server.shell(
+            name="Load the firewall rules again (the loaded table differs from them)",
+            commands=[f"systemctl reload-or-restart {layout.FIREWALL_UNIT}"],
+            _if=lambda: not rules.did_change(),
+        )
 
 
 def _remove() -> None:

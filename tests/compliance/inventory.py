@@ -32,6 +32,7 @@ class Target:
     name: str
     data: dict[str, Any] = field(repr=False)
     spec: HostSpec = field(repr=False)
+    groups: tuple[str, ...] = ()
 
     @property
     def cfg(self) -> HostConfig:
@@ -111,4 +112,5 @@ def load(inventory: str) -> list[Target]:
     if problems:
         raise InventoryError("\n".join(problems))
     data = {name: d for name, d, _ in hosts}
-    return [Target(s.name, data[s.name], s) for s in specs]
+    groups = {name: tuple(g) for name, _, g in hosts}
+    return [Target(s.name, data[s.name], s, groups[s.name]) for s in specs]

@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,8 @@ import pytest
 from llamahost import firewall as fw
 from llamahost.checks import ConfigError
 from llamahost.spec import HostSpec, resolve_host
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def spec(name: str, address: str, monitored: bool = False, **data: Any) -> HostSpec:
@@ -56,6 +59,19 @@ def test_no_gateway_or_a_gateway_known_by_name_is_refused() -> None:
     with pytest.raises(ConfigError) as e:
         fw.allows(a, [spec("gw", "gw.example")], [])
     assert "'gw' is known by the name 'gw.example'" in e.value.errors[0].allowed
+
+
+def test_the_loaded_rules_read_back_from_nft() -> None:
+    """Recorded: tests/unit/fixtures/nft-list-table.source.nft loaded by nft 1.0.6 (Debian
+    12) in a network namespace, then `nft -j list table inet llamahost`."""
+    a = spec("a", "10.0.0.2", monitored=True, llama_firewall=True)
+    allowed = fw.allows(a, [spec("gw", "10.0.0.1"), a], [spec("mon", "fd00::9")])
+    assert fw.rules("a", allowed).startswith(
+        (FIXTURES / "nft-list-table.source.nft").read_text().split("\n", 1)[0]
+    )
+    have = fw.loaded((FIXTURES / "nft-list-table.json").read_text())
+    assert have == fw.expected(allowed)
+    assert have != fw.expected(fw.allows(a, [spec("gw", "10.0.0.1")], []))
 
 
 # ---------------------------------------------------------------- a real nft
@@ -109,7 +125,8 @@ def test_the_rules_loaded_by_nft_let_only_the_gateway_in(namespaces: dict[str, s
     srv = namespaces["srv"]
     llama, other = 8080, 2222  # `other` stands for SSH: not the toolkit's port
     a = spec("a", "10.231.1.1", llama_firewall=True, llama_port=llama)
-    text = fw.rules("a", fw.allows(a, [spec("gw", "10.231.1.2")], []))
+    allowed = fw.allows(a, [spec("gw", "10.231.1.2")], [])
+    text = fw.rules("a", allowed)
     serve = ["ip", "netns", "exec", srv, sys.executable, "-m", "http.server", "--bind", "::"]
     listeners = [
         subprocess.Popen([*serve, str(p)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -133,6 +150,9 @@ def test_the_rules_loaded_by_nft_let_only_the_gateway_in(namespaces: dict[str, s
         listed = json.loads(sh("ip", "netns", "exec", srv, "nft", "-j", "list", "ruleset"))
         rules = [x["rule"] for x in listed["nftables"] if "rule" in x]
         assert len(rules) == 3 and {r["table"] for r in rules} == {"llamahost"}, rules
+        assert fw.loaded(json.dumps(listed)) == fw.expected(
+            fw.allows(a, [spec("gw", "10.231.1.2")], [])
+        )
     finally:
         for p in listeners:
             p.kill()

@@ -10,16 +10,20 @@ import argparse
 import datetime as dt
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from llamahost import addresses as addr
 from llamahost import inventory as inv
 from llamahost.bench import report
+from llamahost.bench.metrics import GPU_QUERY
 from llamahost.bench.workload import WorkloadError, parse_levels, workload_for
 from llamahost.layout import REPO
 from llamahost.spec import inventory_specs, resolve_host
 
 USAGE = """python -m llamahost bench INVENTORY [--limit HOST] [--out DIR] [options]
+       python -m llamahost bench INVENTORY --gateway [HOST] [--client NAME] [options]
        python -m llamahost bench --compare A.json B.json"""
 
 
@@ -41,6 +45,16 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--aiperf", help="the aiperf program (default .cache/bench-venv/bin/aiperf)")
     ap.add_argument("--key-file", help="a file holding the key (default: the host's, over SSH)")
     ap.add_argument("--url", help="the endpoint, for one host (default http://<address>:<port>)")
+    ap.add_argument(
+        "--gateway",
+        nargs="?",
+        const="",
+        metavar="HOST",
+        help="the whole fleet through its gateway (the first host of group `gateway`, or HOST)",
+    )
+    ap.add_argument(
+        "--client", help="with --gateway: the client whose key is used (default: first)"
+    )
     ap.add_argument("--label", default="", help="names this run in the plot and CSV")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per level (3600)")
     return ap
@@ -84,6 +98,8 @@ def bench_main(argv: list[str]) -> int:
     except inv.InventoryError as e:
         raise SystemExit(f"cannot read {a.inventory}: {e}") from None
     names = [h[0] for h in hosts]
+    if a.gateway is not None:
+        return gateway_main(a, hosts, levels, slo)
     unknown = [h for h in a.limit if h not in names]
     if unknown:
         print(f"REFUSED limit={unknown[0]!r}: not a host of {a.inventory} ({', '.join(names)})")
@@ -133,7 +149,8 @@ def bench_main(argv: list[str]) -> int:
             failed = True
             continue
         url = a.url or f"http://{spec.address}:{spec.profile.port}"
-        target = run.Target(spec.name, url, spec.profile.alias, spec.cfg, key)
+        probe = run.ssh_command(spec.cfg, data[spec.name], GPU_QUERY) if spec.uses_gpu else []
+        target = run.Target(spec.name, url, spec.profile.alias, spec.cfg, key, tuple(probe))
         print(
             f"{spec.name}: {wl.profile} ({wl.purpose}), levels "
             f"{', '.join(str(lv.concurrency) for lv in wl.levels)}, {url}"
@@ -156,6 +173,91 @@ def bench_main(argv: list[str]) -> int:
             print(f"wrote {line}" if not line.startswith("no plot") else line)
     print(f"bench: {out}")
     return 1 if failed or not reports else 0
+
+
+def gateway_main(
+    a: argparse.Namespace,
+    hosts: list[tuple[str, dict[str, Any], list[str]]],
+    levels: tuple[int, ...] | None,
+    slo: dict[str, float],
+) -> int:
+    """The fleet through its gateway: what its clients see (TLS, the queue, every host).
+    The sweep runs to twice the fleet's slots; server-side figures are the gateway's to
+    give, not one host's, so they are left out (bench a host with --limit for those)."""
+    from llamahost.bench import run
+    from llamahost.bench import tokenizer as tok
+    from llamahost.bench.workload import DEFAULT_SEED, sweep
+    from llamahost.gateway.clients import read_client_keys
+    from llamahost.gateway.settings import GROUP, controller_file
+
+    gws = [h for h in hosts if GROUP in h[2] and (not a.gateway or h[0] == a.gateway)]
+    if not gws:
+        why = "is not a host of group `gateway`" if a.gateway else "no group `gateway`"
+        print(f"REFUSED gateway={a.gateway!r}: {why} in {a.inventory}")
+        return 2
+    if a.limit:
+        print("REFUSED limit: --gateway benches the whole fleet; drop --limit")
+        return 2
+    specs, errors = inventory_specs(hosts)
+    if errors:
+        print("\n".join(f"REFUSED {e}" for e in errors))
+        return 1
+    gw = next(s for s in specs if s.name == gws[0][0])
+    slots = sum(s.profile.parallel for s in specs)
+    first = specs[0]
+    try:
+        wl = workload_for(
+            first.profile,
+            levels=levels or sweep(slots),
+            isl=a.isl,
+            osl=a.osl,
+            requests=a.requests,
+            seed=DEFAULT_SEED if a.seed is None else a.seed,
+        )
+        aiperf = run.aiperf_path(a.aiperf)
+    except (WorkloadError, run.BenchError) as e:
+        print(f"REFUSED {e}")
+        return 2
+    g = gw.gateway
+    try:
+        if a.key_file:
+            key = Path(a.key_file).read_text().strip()
+        else:
+            clients = read_client_keys(controller_file(g.gateway_client_keys_file or ""))
+            chosen = [c for c in clients if not a.client or c.name == a.client]
+            if not chosen:
+                print(f"REFUSED client={a.client!r}: not in the gateway's client keys file")
+                return 2
+            key = chosen[0].key.reveal().strip()
+        tokenizer = a.tokenizer or str(tok.fetch(first.cfg, REPO / ".cache"))
+    except (OSError, ValueError, tok.TokenizerError) as e:
+        print(f"REFUSED {e}")
+        return 2
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(a.out) if a.out else REPO / "reports" / "bench" / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    data = {name: d for name, d, _ in hosts}
+    try:
+        ca = run.gateway_ca(gw, data[gw.name], out)
+    except run.BenchError as e:
+        print(f"FAILED {e}")
+        return 1
+    url = a.url or f"https://{addr.hostport(gw.address, g.gateway_port)}"
+    target = run.Target(f"gateway-{gw.name}", url, first.profile.alias,
+                        replace(first.cfg, profile=replace(first.profile, parallel=slots)),
+                        key, ca_file=str(ca))  # fmt: skip
+    targets = {**report.TARGETS.get(first.profile.name, report.TARGETS["balanced"]), **slo}
+    print(
+        f"{target.host}: {len(specs)} hosts, {slots} slots, {wl.profile} ({wl.purpose}), "
+        f"levels {', '.join(str(lv.concurrency) for lv in wl.levels)}, {url}"
+    )
+    rep = run.run_host(target, wl, targets, aiperf=aiperf, tokenizer=tokenizer, out=out,
+                       run_label=a.label, timeout_s=a.timeout, sample_server=False)  # fmt: skip
+    print(report.summary(rep))
+    for line in run.write_run([rep], out, aiperf):
+        print(f"wrote {line}" if not line.startswith("no plot") else line)
+    print(f"bench: {out}")
+    return 1 if any(lv["errors"] for lv in rep["levels"]) else 0
 
 
 TUNE_USAGE = """python -m llamahost tune INVENTORY --limit HOST (--profiles A,B | --vary KNOB=V1,V2)

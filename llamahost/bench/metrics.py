@@ -68,3 +68,52 @@ def summarise(samples: list[dict[str, float]]) -> ServerStats:
         prompt_tokens_cached=delta("prompt_tokens_cached_total"),
         tokens_predicted=delta("tokens_predicted_total"),
     )
+
+
+# ---------------------------------------------------------------- the GPU, on GPU hosts
+# What the bench asks nvidia-smi on the host, every 500 ms while a level runs (one line per
+# GPU per sample: "0, 30712, 40960, 87").
+GPU_QUERY = (
+    "nvidia-smi --query-gpu=index,memory.used,memory.total,utilization.gpu "
+    "--format=csv,noheader,nounits -lms 500"
+)
+
+
+@dataclass(frozen=True)
+class GpuStats:
+    samples: int  # lines read (one per GPU per sample)
+    memory_used_peak_mib: float | None  # the fullest GPU at its fullest
+    memory_total_mib: float | None  # that GPU's memory
+    util_peak: float | None  # percent
+    util_mean: float | None
+
+    @property
+    def memory_peak_share(self) -> float | None:
+        if self.memory_used_peak_mib is None or not self.memory_total_mib:
+            return None
+        return self.memory_used_peak_mib / self.memory_total_mib
+
+
+def parse_gpu(lines: list[str]) -> GpuStats:
+    """nvidia-smi's lines (GPU_QUERY) → peak memory and utilisation; lines that are not
+    four numbers (a "[N/A]", a message) are skipped."""
+    rows = []
+    for line in lines:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 4:
+            continue
+        try:
+            rows.append(tuple(float(p) for p in parts))
+        except ValueError:
+            continue
+    if not rows:
+        return GpuStats(0, None, None, None, None)
+    fullest = max(rows, key=lambda r: r[1])
+    utils = [r[3] for r in rows]
+    return GpuStats(
+        samples=len(rows),
+        memory_used_peak_mib=fullest[1],
+        memory_total_mib=fullest[2],
+        util_peak=max(utils),
+        util_mean=sum(utils) / len(utils),
+    )

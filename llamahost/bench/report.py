@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from llamahost.bench.aiperf import ClientStats
-from llamahost.bench.metrics import ServerStats
+from llamahost.bench.metrics import GpuStats, ServerStats
 from llamahost.bench.workload import Level, WorkloadError
 
 KIND = "llamahost-bench"
@@ -55,6 +55,8 @@ COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("busy_slots_max", "", True),
     ("deferred_max", "", False),
     ("prompt_tokens_cached", "tok", True),
+    ("gpu_mem_peak_mib", "MiB", False),
+    ("gpu_util_mean", "%", True),
 )
 
 
@@ -87,9 +89,10 @@ class LevelResult:
     level: Level
     client: ClientStats
     server: ServerStats
+    gpu: GpuStats | None = None  # GPU hosts only
 
     def row(self) -> dict[str, Any]:
-        c, s = self.client, self.server
+        c, s, g = self.client, self.server, self.gpu
         return {
             "concurrency": self.level.concurrency,
             "isl": self.level.isl,
@@ -114,6 +117,10 @@ class LevelResult:
             "prompt_tokens_cached": s.prompt_tokens_cached,
             "tokens_predicted": s.tokens_predicted,
             "metrics_samples": s.samples,
+            "gpu_mem_peak_mib": g.memory_used_peak_mib if g else None,
+            "gpu_mem_total_mib": g.memory_total_mib if g else None,
+            "gpu_util_peak": g.util_peak if g else None,
+            "gpu_util_mean": g.util_mean if g else None,
             "note": self.level.note,
         }
 
@@ -165,6 +172,10 @@ def csv_text(reports: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+# Peak GPU memory from which a level's note warns of the OOM ladder (nvidia-smi's share).
+GPU_MEMORY_NEAR_FULL = 0.95
+
+
 def _lower_ub(ub: int) -> int:
     """The guide's "a little": one step of 512 (its own steps are 1024/1536/2048)."""
     return max(512, ub - 512)
@@ -191,6 +202,14 @@ def ladder_notes(report: dict[str, Any]) -> list[str]:
             notes.append(
                 f"Concurrency {c}: {lv['errors']} of {lv['errors'] + lv['requests']} "
                 f"requests failed ({kinds}).{why}"
+            )
+        used, total = lv.get("gpu_mem_peak_mib"), lv.get("gpu_mem_total_mib")
+        if used is not None and total and used / total >= GPU_MEMORY_NEAR_FULL:
+            notes.append(
+                f"Concurrency {c}: peak GPU memory {used / 1024:.1f} of {total / 1024:.1f} GiB "
+                f"({used / total:.0%}): a longer prompt or one more slot may not fit; the OOM "
+                f"ladder, before it happens: lower -ub ({ub} → {_lower_ub(ub)}), then "
+                "--parallel, then -c; keep q8_0 KV."
             )
         ttft = lv["ttft_p95_ms"]
         if ttft is not None and ttft / 1000 > t["ttft_p95"]:
@@ -270,6 +289,10 @@ def summary(report: dict[str, Any]) -> str:
         "| prompt tok from cache |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    gpu = any(lv.get("gpu_mem_peak_mib") is not None for lv in report["levels"])
+    if gpu:
+        lines[-2] += " GPU memory peak (GiB) | GPU util mean/peak (%) |"
+        lines[-1] += "---|---|"
 
     def f(v: Any, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
         return "–" if v is None else fmt.format(v * scale)
@@ -283,6 +306,12 @@ def summary(report: dict[str, Any]) -> str:
             f"{f(lv['tps_total'], fmt='{:.1f}')} | {f(lv['req_s'])} | {lv['errors']} | "
             f"{f(lv['busy_slots_max'], fmt='{:g}')} | {f(lv['deferred_max'], fmt='{:g}')} | "
             f"{f(lv['prompt_tokens_cached'], fmt='{:g}')} |"
+            + (
+                f" {f(lv['gpu_mem_peak_mib'], 1 / 1024, '{:.1f}')} | "
+                f"{f(lv['gpu_util_mean'], fmt='{:.0f}')}/{f(lv['gpu_util_peak'], fmt='{:.0f}')} |"
+                if gpu
+                else ""
+            )
         )
     ok = [lv for lv in report["levels"] if meets(lv, t)]
     lines.append("")

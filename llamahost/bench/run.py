@@ -22,11 +22,14 @@ from typing import Any
 
 import requests
 
+from llamahost import layout
 from llamahost.bench import AIPERF_VERSION, metrics, report
 from llamahost.bench import aiperf as ap
 from llamahost.bench.workload import Workload
 from llamahost.config import HostConfig
+from llamahost.gateway.settings import controller_file
 from llamahost.layout import REPO
+from llamahost.spec import HostSpec
 
 BENCH_VENV = REPO / ".cache" / "bench-venv"
 PLOT_SCRIPT = Path(__file__).with_name("plot.py")
@@ -43,6 +46,8 @@ class Target:
     model: str
     cfg: HostConfig
     key: str = field(repr=False)
+    gpu_probe: tuple[str, ...] = ()  # nvidia-smi on the host (GPU hosts), see GpuSampler
+    ca_file: str | None = None  # a certificate to trust (a gateway's self-signed one)
 
 
 def aiperf_path(given: str | None = None) -> Path:
@@ -61,13 +66,9 @@ def aiperf_path(given: str | None = None) -> Path:
     return p
 
 
-def read_key(cfg: HostConfig, data: Mapping[str, Any], key_file: str | None) -> str:
-    """The host's API key: --key-file, else llama_api_key, else the host's key file read
-    over SSH (its standard output, never an argument), as the monitoring deploy does."""
-    if key_file:
-        return Path(key_file).read_text().strip()
-    if cfg.api_key:
-        return cfg.api_key
+def ssh_command(cfg: HostConfig, data: Mapping[str, Any], command: str) -> list[str]:
+    """``ssh`` to the host as the inventory says, running ``command`` (with ``sudo -n``
+    when the SSH user is not root)."""
     user = str(data.get("ssh_user") or "root")
     argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
     if data.get("ssh_port"):
@@ -79,12 +80,18 @@ def read_key(cfg: HostConfig, data: Mapping[str, Any], key_file: str | None) -> 
     if data.get("ssh_strict_host_key_checking"):
         argv += ["-o", f"StrictHostKeyChecking={data['ssh_strict_host_key_checking']}"]
     host = str(data.get("ssh_hostname") or cfg.host_name)
-    command = f"cat {cfg.api_key_file}"
-    if user != "root":
-        command = "sudo -n " + command
-    p = subprocess.run(
-        [*argv, f"{user}@{host}", command], capture_output=True, text=True, timeout=60
-    )
+    return [*argv, f"{user}@{host}", command if user == "root" else "sudo -n " + command]
+
+
+def read_key(cfg: HostConfig, data: Mapping[str, Any], key_file: str | None) -> str:
+    """The host's API key: --key-file, else llama_api_key, else the host's key file read
+    over SSH (its standard output, never an argument), as the monitoring deploy does."""
+    if key_file:
+        return Path(key_file).read_text().strip()
+    if cfg.api_key:
+        return cfg.api_key
+    argv = ssh_command(cfg, data, f"cat {cfg.api_key_file}")
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     key = p.stdout.strip()
     if p.returncode != 0 or not key:
         raise BenchError(
@@ -92,6 +99,54 @@ def read_key(cfg: HostConfig, data: Mapping[str, Any], key_file: str | None) -> 
             f"(exit {p.returncode}: {p.stderr.strip()[-300:]}); pass --key-file"
         )
     return key
+
+
+def gateway_ca(gw: HostSpec, data: Mapping[str, Any], out: Path) -> Path:
+    """The certificate a client of gateway ``gw`` trusts: the inventory's
+    (llama_gateway_tls_cert), else the gateway's self-signed one, read over SSH (the
+    certificate only, never its key) into ``out``."""
+    if gw.gateway.gateway_tls_cert:
+        return controller_file(gw.gateway.gateway_tls_cert)
+    argv = ssh_command(gw.cfg, data, f"openssl x509 -in {layout.GATEWAY_PEM}")
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    if p.returncode != 0 or "BEGIN CERTIFICATE" not in p.stdout:
+        raise BenchError(
+            f"{gw.name}: cannot read the gateway's certificate over SSH (exit {p.returncode}: "
+            f"{p.stderr.strip()[-300:]}); set llama_gateway_tls_cert"
+        )
+    path = out / "gateway-ca.pem"
+    path.write_text(p.stdout)
+    return path
+
+
+class GpuSampler:
+    """``probe`` (nvidia-smi on the host, over SSH) running while a level runs; its lines
+    summarised when stopped. Nothing to probe: no figures."""
+
+    def __init__(self, probe: tuple[str, ...]) -> None:
+        self._proc: subprocess.Popen[str] | None = None
+        self._lines: list[str] = []
+        self._reader: threading.Thread | None = None
+        if probe:
+            self._proc = subprocess.Popen(
+                list(probe), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                start_new_session=True,
+            )  # fmt: skip
+            self._reader = threading.Thread(target=self._read, daemon=True)
+            self._reader.start()
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self._lines.append(line)
+
+    def finish(self) -> metrics.GpuStats | None:
+        if self._proc is None:
+            return None
+        _stop_group(self._proc, first=signal.SIGTERM)
+        if self._reader is not None:
+            self._reader.join(timeout=10)
+        return metrics.parse_gpu(self._lines)
 
 
 class Sampler(threading.Thread):
@@ -128,9 +183,9 @@ class Sampler(threading.Thread):
         return metrics.summarise(self.samples)
 
 
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+def _stop_group(proc: subprocess.Popen[Any], first: signal.Signals = signal.SIGINT) -> None:
     """SIGINT to aiperf's session (it writes what it has), then SIGKILL after 20 s."""
-    for sig, wait in ((signal.SIGINT, 20.0), (signal.SIGKILL, 10.0)):
+    for sig, wait in ((first, 20.0), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -151,6 +206,7 @@ def run_level(
     tokenizer: str,
     out: Path,
     timeout_s: float,
+    sample_server: bool = True,
 ) -> report.LevelResult:
     level = workload.levels[index]
     d = out / target.host / f"c{level.concurrency}"
@@ -168,8 +224,12 @@ def run_level(
     env = {**os.environ, ap.KEY_ENV: target.key}
     # aiperf's own HF_HUB_OFFLINE refuses a tokenizer directory (docs/bench.md).
     env.pop("HF_HUB_OFFLINE", None)
+    if target.ca_file:  # aiperf's HTTP client trusts what OpenSSL's defaults name
+        env["SSL_CERT_FILE"] = target.ca_file
     sampler = Sampler(target.url, target.key)
-    sampler.start()
+    if sample_server:
+        sampler.start()
+    gpu = GpuSampler(target.gpu_probe)
     with open(d / "aiperf.log", "w") as log:
         # Its own session: aiperf starts a dozen service processes, and a timeout or a
         # Ctrl-C must stop all of them, not only the first.
@@ -188,11 +248,13 @@ def run_level(
             _stop_group(proc)
         except BaseException:
             _stop_group(proc)
-            sampler.finish()
+            gpu.finish()
+            if sample_server:
+                sampler.finish()
             raise
-    server = sampler.finish()
+    server = sampler.finish() if sample_server else metrics.summarise([])
     (d / "metrics-samples.json").write_text(json.dumps(sampler.samples) + "\n")
-    return report.LevelResult(level, ap.read(d), server)
+    return report.LevelResult(level, ap.read(d), server, gpu.finish())
 
 
 def run_host(
@@ -206,14 +268,14 @@ def run_host(
     run_label: str = "",
     timeout_s: float = 3600.0,
     progress: Any = print,
+    sample_server: bool = True,
 ) -> dict[str, Any]:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     results = []
     for i, level in enumerate(workload.levels):
         t0 = time.monotonic()
-        r = run_level(
-            target, workload, i, aiperf=aiperf, tokenizer=tokenizer, out=out, timeout_s=timeout_s
-        )
+        r = run_level(target, workload, i, aiperf=aiperf, tokenizer=tokenizer, out=out,
+                      timeout_s=timeout_s, sample_server=sample_server)  # fmt: skip
         c = r.client
         progress(
             f"{target.host}: concurrency {level.concurrency}: {c.requests} ok, {c.errors} "

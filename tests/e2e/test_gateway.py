@@ -27,7 +27,9 @@ import pytest
 import requests
 
 from llamahost import layout
+from llamahost.bench.run import BENCH_VENV
 from llamahost.gateway import haproxy as hx
+from tests.bench import tiny_tokenizer
 from tests.e2e.conftest import Run, free_port
 from tests.e2e.fleet import REPO, Fleet, host_data
 
@@ -355,6 +357,45 @@ def test_a_stream_passes_as_events(gateway: Gateway) -> None:
     g.fleet.timings["stream_spread_over_generation"] = round(
         (arrivals[-1] - arrivals[0]) / (timings["predicted_ms"] / 1000), 2
     )
+
+
+def _served_totals(g: Gateway) -> dict[str, int]:
+    """HAProxy's count of requests each server has taken (``stot``)."""
+    lines = g.fleet.sh(g.name, STAT).splitlines()
+    head = lines[0][2:].split(",")
+    col = {n: i for i, n in enumerate(head)}
+    rows = [ln.split(",") for ln in lines[1:] if ln.startswith(hx.BACKEND + ",")]
+    return {r[col["svname"]]: int(r[col["stot"]]) for r in rows if r[col["svname"]] != "BACKEND"}
+
+
+def test_bench_through_the_gateway(gateway: Gateway, tmp_path: Path) -> None:
+    """`bench --gateway`: aiperf over TLS (the self-signed certificate read from the
+    gateway), with a client's key, spread over every host; the key in no file it wrote."""
+    aiperf = BENCH_VENV / "bin" / "aiperf"
+    if not aiperf.is_file():
+        pytest.fail(f"needs aiperf in {BENCH_VENV} (make bench-venv)")
+    g = gateway
+    before = _served_totals(g)
+    tok = tiny_tokenizer.write(tmp_path / "tok")
+    out = tmp_path / "bench"
+    argv = [sys.executable, "-m", "llamahost", "bench", str(g.inventory), "--gateway",
+            "--client", "alice", "--out", str(out), "--tokenizer", str(tok),
+            "--concurrency", "2,6", "--requests", "6", "--isl", "64", "--osl", "16"]  # fmt: skip
+    t0 = time.monotonic()
+    p = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    g.fleet.timings["bench_through_gateway_s"] = round(time.monotonic() - t0, 1)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    rep = json.loads((out / f"gateway-{g.name}.json").read_text())
+    assert [lv["concurrency"] for lv in rep["levels"]] == [2, 6]
+    assert all(lv["errors"] == 0 and lv["requests"] >= 6 for lv in rep["levels"])
+    assert rep["url"].startswith("https://") and (out / "gateway-ca.pem").is_file()
+    after = _served_totals(g)
+    assert all(after[n] > before[n] for n in before), (before, after)  # every host served
+    key = g.clients["alice"]
+    assert key not in p.stdout + p.stderr
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert key.encode() not in f.read_bytes(), f
 
 
 def test_a_rolling_profile_change_fails_no_request(gateway: Gateway) -> None:

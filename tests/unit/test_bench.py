@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import pytest
 from llamahost import inventory as llamahost_inventory
 from llamahost.bench import AIPERF_VERSION, aiperf, metrics, report, tune
 from llamahost.bench import plot as bench_plot
+from llamahost.bench import run as bench_run
 from llamahost.bench.cli import bench_main
 from llamahost.bench.workload import (
     MIN_REQUESTS,
@@ -425,6 +428,53 @@ def test_compare_command_prints_ratios(tmp_path: Path, capsys: pytest.CaptureFix
     assert re.search(r"tps_total\s+40\s+50\s+1\.250\s+better", capsys.readouterr().out)
 
 
+# --- the GPU, sampled with nvidia-smi on GPU hosts -----------------------------------------
+
+# nvidia-smi --query-gpu=index,memory.used,memory.total,utilization.gpu
+# --format=csv,noheader,nounits, two A100 40GB, two samples, and a GPU that fell off.
+NVIDIA_SMI_LINES = [
+    "0, 30712, 40960, 87\n",
+    "1, 29001, 40960, 80\n",
+    "0, 39100, 40960, 100\n",
+    "1, [N/A], 40960, [N/A]\n",
+    "Unable to determine the device handle for GPU 0000:00:05.0: Unknown Error\n",
+]
+
+
+def test_gpu_peaks_come_from_the_fullest_gpu() -> None:
+    g = metrics.parse_gpu(NVIDIA_SMI_LINES)
+    assert (g.samples, g.memory_used_peak_mib, g.memory_total_mib) == (3, 39100, 40960)
+    assert g.util_peak == 100 and g.util_mean == pytest.approx(89)
+    assert g.memory_peak_share == pytest.approx(39100 / 40960)
+    assert metrics.parse_gpu([]).memory_used_peak_mib is None
+
+
+def test_the_gpu_sampler_reads_its_probe_while_the_level_runs() -> None:
+    """The probe is a stand-in printing what nvidia-smi prints, then waiting as -lms does."""
+    lines = "".join(NVIDIA_SMI_LINES[:3])
+    code = f"import sys,time; sys.stdout.write({lines!r}); sys.stdout.flush(); time.sleep(60)"
+    sampler = bench_run.GpuSampler((sys.executable, "-c", code))
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    g = sampler.finish()
+    assert time.monotonic() - t0 < 15  # stopped, not waited for
+    assert g is not None and g.memory_used_peak_mib == 39100
+    assert bench_run.GpuSampler(()).finish() is None  # a CPU host: no figures
+
+
+def test_gpu_columns_and_the_near_full_note() -> None:
+    rep = recorded_report()
+    (lv,) = rep["levels"]
+    assert lv["gpu_mem_peak_mib"] is None and "GPU memory" not in report.summary(rep)
+    lv.update(gpu_mem_peak_mib=39100.0, gpu_mem_total_mib=40960.0, gpu_util_peak=100.0,
+              gpu_util_mean=89.0)  # fmt: skip
+    text = report.summary(rep)
+    assert "| 38.2 | 89/100 |" in text
+    assert "peak GPU memory 38.2 of 40.0 GiB (95%)" in text and "OOM ladder" in text
+    lv.update(gpu_mem_peak_mib=20000.0)
+    assert "peak GPU memory" not in report.summary(rep)
+
+
 # --- the command line's refusals (before any host is touched) -----------------------------
 
 
@@ -435,6 +485,7 @@ def test_compare_command_prints_ratios(tmp_path: Path, capsys: pytest.CaptureFix
         (["--slo", "latency=2s"], "slo"),
         (["--requests", "0"], "requests"),
         (["--limit", "no-such-host"], "limit"),
+        (["--gateway"], "gateway"),  # the local inventory has no group `gateway`
     ],
 )
 def test_bad_input_is_refused_naming_the_field(

@@ -8,7 +8,7 @@ INVENTORY ?= inventory/prod.py
 # gnupg and openssl sign and serve the stand-in NVIDIA repository (tests/support/fakenvidia.py);
 # haproxy checks the gateway configuration the unit tests render (haproxy -c).
 SYSTEM_PACKAGES := debootstrap systemd-container openssh-client curl ca-certificates prometheus \
-	gnupg openssl haproxy nftables iproute2
+	gnupg openssl haproxy nftables iproute2 socat
 
 # The load generator of `make bench`, in its own environment: aiperf's pins (huggingface-hub
 # < 2) conflict with ours, so it cannot be an extra of this package. Pinned in one place.

@@ -5,56 +5,61 @@ Reads like the bring-up checklist; each step is one module in tasks/.
 
 from tasks import firewall, gateway, gpu, llama_cpp, model, monitoring, packages, preflight, service
 
-# 0. Inventory data valid (every setting, one spec per host), its paths free or already
-#    the toolkit's, the distribution supported and the profile's memory planned (else the
-#    run stops before any change on any host).
+# 0. Inventory data valid (every setting, one spec per host), the distribution supported,
+#    and on served hosts their paths free or already the toolkit's and the profile's memory
+#    planned (else the run stops before any change on any host).
 spec = preflight.host_spec()
-preflight.paths_are_ours(spec)
 dist = preflight.distribution()
-cpus = preflight.cpu_count()
-cfg = spec.cfg
 
-# 1. Service account, build dependencies.
-service.account(cfg)
-packages.install()
+# A host with llama_serve: false runs only what its groups ask (steps 8 and 9).
+if spec.serves:
+    preflight.paths_are_ours(spec)
+    cpus = preflight.cpu_count()
+    cfg = spec.cfg
 
-# 2. The model download starts: it runs in the background while the driver and the build
-#    proceed (step 5 waits for it).
-download = model.start(cfg)
+    # 1. Service account, build dependencies.
+    service.account(cfg)
+    packages.install()
 
-# 3. GPU stack: driver, persistence mode; the CPU path when no GPU is found (the CUDA
-#    packages come with step 4, by build role).
-stack = gpu.install(spec, dist)
-preflight.profile_matches_hardware(spec, stack.gpu, stack.memory_mib)
+    # 2. The model download starts: it runs in the background while the driver and the
+    #    build proceed (step 5 waits for it).
+    download = model.start(cfg)
 
-# 4. llama.cpp from the pinned commit (with CUDA for the GPU's architecture): built by one
-#    host per build id, copied from the controller's cache to the others.
-binary = llama_cpp.build(
-    cfg,
-    dist,
-    jobs=preflight.build_jobs(spec, cpus),
-    gpu_cmake_args=stack.cmake_args,
-    check_devices=stack.gpu and stack.ready,
-    cuda_version=spec.gpu.cuda_version if stack.gpu else None,
-)
+    # 3. GPU stack: driver, persistence mode; the CPU path when no GPU is found (the CUDA
+    #    packages come with step 4, by build role).
+    stack = gpu.install(spec, dist)
+    preflight.profile_matches_hardware(spec, stack.gpu, stack.memory_mib)
 
-# 5. The model downloaded and verified.
-fetched = model.finish(download)
+    # 4. llama.cpp from the pinned commit (with CUDA for the GPU's architecture): built by
+    #    one host per build id, copied from the controller's cache to the others.
+    binary = llama_cpp.build(
+        cfg,
+        dist,
+        jobs=preflight.build_jobs(spec, cpus),
+        gpu_cmake_args=stack.cmake_args,
+        check_devices=stack.gpu and stack.ready,
+        cuda_version=spec.gpu.cuda_version if stack.gpu else None,
+    )
 
-# 6. Exposure: with llama_firewall, the llama port only from the gateway hosts, the
-#    exporters only from the monitoring hosts (before llama-server first listens).
-firewall.apply(spec)
+    # 5. The model downloaded and verified.
+    fetched = model.finish(download)
 
-# 7. API key, unit for the host's profile, start; restart only on change (drained on the
-#    gateways, when there are any). Not while a driver reboot is pending.
-key = service.api_key(cfg)
-unit = service.unit(spec, cpus)
-if not stack.gpu or stack.ready:
-    service.run(spec, unit, [binary, key, *([fetched] if fetched else [])])
+    # 6. Exposure: with llama_firewall, the llama port only from the gateway hosts, the
+    #    exporters only from the monitoring hosts (before llama-server first listens).
+    firewall.apply(spec)
 
-# 8. Monitoring, when the inventory has a `monitoring` group: the exporters here, and on
-#    the group's hosts Prometheus scraping every llama-server of the inventory.
-monitoring.exporters(spec)
+    # 7. API key, unit for the host's profile, start; restart only on change (drained on
+    #    the gateways, when there are any). Not while a driver reboot is pending.
+    key = service.api_key(cfg)
+    unit = service.unit(spec, cpus)
+    if not stack.gpu or stack.ready:
+        service.run(spec, unit, [binary, key, *([fetched] if fetched else [])])
+
+    # 8a. The exporters, when the inventory has a `monitoring` group.
+    monitoring.exporters(spec)
+
+# 8. Monitoring: on the `monitoring` hosts, Prometheus scraping every llama-server of the
+#    inventory.
 monitoring.prometheus(spec)
 
 # 9. Gateway, on the hosts of group `gateway`: HAProxy with TLS and client keys in front of

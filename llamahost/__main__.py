@@ -46,6 +46,9 @@ def cmd_plan(inventory: str, use_lock: bool = True) -> int:
     found, errors = specs(inventory, use_lock)
     ok = not errors
     for spec in found:
+        if not spec.serves:
+            print(f"host {spec.name}: serves no llama-server (llama_serve: false)\n")
+            continue
         hp = plan_for(spec)
         print(render(hp))
         print()

@@ -65,6 +65,12 @@ class HostSpec:
     ssh_hostname: str | None  # where SSH reaches it, as the inventory says
     monitored: bool  # the inventory has a `monitoring` group
     is_gateway: bool = False  # the host is in group `gateway` (runs HAProxy)
+    is_monitoring: bool = False  # the host is in group `monitoring` (runs Prometheus)
+
+    @property
+    def serves(self) -> bool:
+        """The host runs a llama-server (``llama_serve``, true unless set false)."""
+        return self.gateway.serve
 
     @property
     def profile(self) -> Profile:
@@ -164,12 +170,14 @@ def resolve_host(
     *,
     monitored: bool = False,
     is_gateway: bool = False,
+    is_monitoring: bool = False,
     use_lock: bool = True,
 ) -> HostSpec:
     """Validate a host's inventory data; raise ConfigError listing every bad field.
 
     ``monitored``: the inventory has a `monitoring` group (its hosts scrape this one).
     ``is_gateway``: the host is in group `gateway` (its controller files are checked).
+    ``is_monitoring``: the host is in group `monitoring`.
     ``use_lock`` false: do not apply ``llama_model_lock`` (the plan's what-if, the lock
     command that writes it).
     """
@@ -186,11 +194,21 @@ def resolve_host(
     errors += gateway_settings.cross_checks(gateway, is_gateway=is_gateway)
     cfg = HostConfig(host_name=name, profile=Profile(name=profile_name, **prof), **core)
     monitoring = MonitoringConfig(**mon)
-    if monitored:
+    if not gateway.serve and not (is_gateway or is_monitoring):
+        errors.append(
+            FieldError(
+                PREFIX + "serve",
+                False,
+                "a host that serves no llama-server must be in group `gateway` or "
+                "`monitoring`: otherwise the deploy has nothing to do there",
+            )
+        )
+    if monitored and gateway.serve:
         errors += _monitored_checks(cfg, monitoring)
     if errors:
         raise ConfigError(name, errors)
-    cfg, lock = _apply_lock(cfg, errors) if use_lock else (cfg, LockState(None, None))
+    serving_lock = use_lock and gateway.serve  # a host that serves nothing has no model
+    cfg, lock = _apply_lock(cfg, errors) if serving_lock else (cfg, LockState(None, None))
     if errors:
         raise ConfigError(name, errors)
     ssh_hostname = data.get("ssh_hostname")
@@ -204,6 +222,7 @@ def resolve_host(
         ssh_hostname=ssh_hostname if isinstance(ssh_hostname, str) else None,
         monitored=monitored,
         is_gateway=is_gateway,
+        is_monitoring=is_monitoring,
     )
 
 
@@ -222,6 +241,7 @@ def inventory_specs(
                     data,
                     monitored=monitored,
                     is_gateway=gateway_settings.GROUP in groups,
+                    is_monitoring=GROUP in groups,
                     use_lock=use_lock,
                 )
             )

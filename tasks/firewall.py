@@ -20,12 +20,9 @@ from pyinfra.operations import apt, files, server, systemd
 from llamahost import firewall as fw
 from llamahost import layout
 from llamahost.checks import ConfigError
-from llamahost.gateway.settings import GROUP as GATEWAY_GROUP
-from llamahost.monitoring.settings import GROUP as MONITORING_GROUP
-from llamahost.spec import HostSpec
+from llamahost.spec import HostSpec, inventory_specs
 from tasks.activate import activate
 from tasks.facts import NftTable
-from tasks.gateway import served_specs
 from tasks.preflight import refuse
 
 UNIT_PATH = f"{layout.SYSTEMD_DIR}/{layout.FIREWALL_UNIT}"
@@ -36,9 +33,9 @@ def apply(spec: HostSpec) -> None:
     if not spec.gateway.firewall:
         _remove()
         return
-    specs = {s.name: s for s in served_specs()}
-    gateways = [specs[h.name] for h in inventory.get_group(GATEWAY_GROUP, [])]
-    monitors = [specs[h.name] for h in inventory.get_group(MONITORING_GROUP, [])]
+    specs, _ = inventory_specs([(h.name, h.data.dict(), h.groups) for h in inventory])
+    gateways = [s for s in specs if s.is_gateway]
+    monitors = [s for s in specs if s.is_monitoring]
     try:
         allowed = fw.allows(spec, gateways, monitors)
     except ConfigError as e:

@@ -31,23 +31,15 @@ from llamahost.checks import ConfigError
 from llamahost.gateway import haproxy as hx
 from llamahost.gateway.clients import client_map, read_client_keys
 from llamahost.gateway.settings import GROUP, GatewayConfig, controller_file
-from llamahost.spec import HostSpec, inventory_specs
+from llamahost.spec import HostSpec
 from tasks import secret
 from tasks.activate import activate
 from tasks.facts import KeyDigest
-from tasks.preflight import refuse
+from tasks.preflight import refuse, served_specs
 
 
 def enabled() -> bool:
     return bool(inventory.get_group(GROUP, []))
-
-
-def served_specs() -> list[HostSpec]:
-    """Every served host of the inventory (each host serves a llama-server)."""
-    specs, errors = inventory_specs([(h.name, h.data.dict(), h.groups) for h in inventory])
-    if errors:
-        raise refuse("\n".join(str(e) for e in errors))
-    return specs
 
 
 def install(spec: HostSpec) -> None:
@@ -85,11 +77,22 @@ def install(spec: HostSpec) -> None:
         files.file(name=f"Owner and mode of {path}", path=path,
                    user="root", group="haproxy", mode="0640")  # fmt: skip
     config = _configuration(gw, backends)
-    activate(
+    activation = activate(
         layout.HAPROXY,
         installed_by=[pkg],
         reload_on=[config, *changed],
         why="its configuration changed",
+    )
+    # Shell because only the running HAProxy can say what it runs (a reload that could not
+    # start its new process exits 0 and keeps the old one).
+    server.shell(
+        name="HAProxy runs the new configuration (its servers, read from its runtime API)",
+        commands=[hx.serves_config_check(backends, layout.HAPROXY_ADMIN_SOCKET)],
+        _if=lambda: (
+            activation.started.did_change()
+            or config.did_change()
+            or any(op.did_change() for op in changed)
+        ),
     )
 
 

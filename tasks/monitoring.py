@@ -32,24 +32,16 @@ from llamahost.checks import ConfigError
 from llamahost.monitoring import exporters as ex
 from llamahost.monitoring import scrape
 from llamahost.monitoring.settings import GROUP, MonitoringConfig
-from llamahost.spec import HostSpec, inventory_specs
+from llamahost.spec import HostSpec
 from tasks import secret
 from tasks.activate import activate
 from tasks.facts import KeyDigest, MountPoint
-from tasks.preflight import refuse
+from tasks.preflight import refuse, served_specs
 
 
 def enabled() -> bool:
     """Monitoring is on when the inventory has a `monitoring` group."""
     return bool(inventory.get_group(GROUP, []))
-
-
-def _served_specs() -> list[HostSpec]:
-    """Every host of the inventory (each serves a llama-server), as the deploy sees it."""
-    specs, errors = inventory_specs([(h.name, h.data.dict(), h.groups) for h in inventory])
-    if errors:
-        raise refuse("\n".join(str(e) for e in errors))
-    return specs
 
 
 def _apt(name: str, packages: list[str]) -> OperationMeta:
@@ -147,7 +139,7 @@ def prometheus(spec: HostSpec) -> None:
     inventory (a no-op on other hosts)."""
     if GROUP not in host.groups:
         return
-    served = _served_specs()
+    served = served_specs()
     try:
         targets = scrape.targets(host.name, [scrape.served_host(s) for s in served])
     except ConfigError as e:

@@ -14,7 +14,7 @@ from llamahost.checks import ConfigError
 from llamahost.gateway.settings import GROUP as GATEWAY
 from llamahost.monitoring.settings import GROUP
 from llamahost.plan import check_gpu_memory, plan_for, render
-from llamahost.spec import HostSpec, resolve_host
+from llamahost.spec import HostSpec, inventory_specs, resolve_host
 from tasks.facts import OnlineCpus, OsRelease
 
 
@@ -31,14 +31,26 @@ def validated_spec() -> HostSpec:
             host.data.dict(),
             monitored=bool(host.inventory.get_group(GROUP, [])),
             is_gateway=GATEWAY in host.groups,
+            is_monitoring=GROUP in host.groups,
         )
     except ConfigError as e:
         raise refuse(str(e)) from None
 
 
+def served_specs() -> list[HostSpec]:
+    """Every host of the inventory that serves a llama-server (what gateways balance,
+    Prometheus scrapes, firewalls protect), as the deploy sees it."""
+    specs, errors = inventory_specs([(h.name, h.data.dict(), h.groups) for h in host.inventory])
+    if errors:
+        raise refuse("\n".join(str(e) for e in errors))
+    return [s for s in specs if s.serves]
+
+
 def host_spec() -> HostSpec:
     """The host's spec, planned: a bad value or a plan that does not fit stops the run."""
     spec = validated_spec()
+    if not spec.serves:  # nothing to plan: no model, no llama-server
+        return spec
     hp = plan_for(spec)
     if not hp.fits:
         reasons = "".join(f"\n  {p}" for p in hp.problems) or "\n  it does not fit the GPU"

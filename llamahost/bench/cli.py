@@ -112,6 +112,7 @@ def bench_main(argv: list[str]) -> int:
     if errors:
         print("\n".join(f"REFUSED {e}" for e in errors))
         return 1
+    specs = [s for s in specs if s.serves]  # a gateway- or monitoring-only host: nothing
     from llamahost.bench.workload import DEFAULT_SEED
 
     seed = DEFAULT_SEED if a.seed is None else a.seed
@@ -203,6 +204,7 @@ def gateway_main(
         print("\n".join(f"REFUSED {e}" for e in errors))
         return 1
     gw = next(s for s in specs if s.name == gws[0][0])
+    specs = [s for s in specs if s.serves]
     slots = sum(s.profile.parallel for s in specs)
     first = specs[0]
     try:

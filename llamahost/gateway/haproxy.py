@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from llamahost import layout, render
 from llamahost.addresses import hostport, reach
-from llamahost.checks import PREFIX
+from llamahost.checks import PREFIX, ConfigError, FieldError
 from llamahost.gateway.settings import RETRY_AFTER_S, GatewayConfig
 from llamahost.spec import HostSpec
 
@@ -51,7 +51,8 @@ def _reach(gateway: str, spec: HostSpec) -> str:
 
 
 def servers(gateway: str, served: Iterable[HostSpec]) -> list[Server]:
-    """The backend servers of ``gateway``, in inventory order."""
+    """The backend servers of ``gateway``, in inventory order; a gateway with none is
+    refused."""
     out = [
         Server(
             host=s.name,
@@ -61,6 +62,18 @@ def servers(gateway: str, served: Iterable[HostSpec]) -> list[Server]:
         )
         for s in served
     ]
+    if not out:
+        raise ConfigError(
+            gateway,
+            [
+                FieldError(
+                    "group gateway",
+                    gateway,
+                    "has no served host to send requests to: every host of the inventory has "
+                    "llama_serve: false",
+                )
+            ],
+        )
     names = [s.name for s in out]
     assert len(set(names)) == len(names), names
     return out
@@ -94,6 +107,24 @@ def set_state(server: str, state: str) -> str:
 
 
 SHOW_STAT = "show stat"
+
+
+def serves_config_check(backends: list[Server], socket: str, wait_s: int = 30) -> str:
+    """A shell command that waits until the running HAProxy lists exactly ``backends`` as
+    the servers of its backend, and fails saying so otherwise. A reload whose new process
+    cannot start (a port or socket taken) leaves the old one running and still exits 0:
+    this is how the deploy notices."""
+    want = " ".join(sorted(s.name for s in backends))
+    stat = f"echo {SHOW_STAT!r} | socat -t 5 stdio unix-connect:{socket}"
+    have = (
+        f'{stat} | awk -F, \'$1 == "{BACKEND}" && $2 != "BACKEND" {{print $2}}\' '
+        "| LC_ALL=C sort | tr '\\n' ' ' | sed 's/ $//'"
+    )
+    return (
+        f"for i in $(seq {wait_s}); do [ \"$({have})\" = '{want}' ] && exit 0; sleep 1; done; "
+        f"echo 'HAProxy does not run the new configuration (servers: '\"$({have})\"'; "
+        f"expected: {want}); see journalctl -u haproxy' >&2; exit 1"
+    )
 
 
 @dataclass(frozen=True)

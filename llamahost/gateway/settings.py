@@ -106,6 +106,14 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
         "connections applies with affinity off).",
     ),
     Setting(
+        "serve",
+        True,
+        boolean,
+        "`false`: the host serves no llama-server and runs only what its groups ask (a "
+        "`gateway` host's HAProxy, a `monitoring` host's Prometheus): no driver, llama.cpp or "
+        "model. Such a host must be in group `gateway` or `monitoring`.",
+    ),
+    Setting(
         "firewall",
         False,
         boolean,
@@ -142,6 +150,7 @@ class GatewayConfig:
     gateway_server_timeout: str
     gateway_max_body: int
     gateway_affinity_header: str | None
+    serve: bool
     firewall: bool
     rolling_max_unavailable: int
     rolling_drain_timeout: int

@@ -121,6 +121,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # ------------------------------------------------------------------ fixtures
+# Checks of a role a host may have without serving (llama_serve: false); every other
+# module checks a llama-server.
+ROLE_MODULES = {"test_gateway"}
+
+
+@pytest.fixture(autouse=True)
+def _served_hosts_only(request: pytest.FixtureRequest) -> None:
+    if "target" not in request.fixturenames:
+        return
+    target = request.getfixturevalue("target")
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    if target is not None and not target.spec.serves and module not in ROLE_MODULES:
+        pytest.skip(f"{target.name} serves no llama-server (llama_serve: false)")
+
+
 @pytest.fixture
 def host(target: Target) -> Any:
     """testinfra's Host for the target, over OpenSSH with the inventory's connection data."""

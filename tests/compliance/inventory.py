@@ -32,7 +32,6 @@ class Target:
     name: str
     data: dict[str, Any] = field(repr=False)
     spec: HostSpec = field(repr=False)
-    groups: tuple[str, ...] = ()
 
     @property
     def cfg(self) -> HostConfig:
@@ -112,5 +111,4 @@ def load(inventory: str) -> list[Target]:
     if problems:
         raise InventoryError("\n".join(problems))
     data = {name: d for name, d, _ in hosts}
-    groups = {name: tuple(g) for name, _, g in hosts}
-    return [Target(s.name, data[s.name], s, groups[s.name]) for s in specs]
+    return [Target(s.name, data[s.name], s) for s in specs]

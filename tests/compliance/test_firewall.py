@@ -10,8 +10,6 @@ import pytest
 
 from llamahost import firewall as fw
 from llamahost import layout
-from llamahost.gateway.settings import GROUP as GATEWAY_GROUP
-from llamahost.monitoring.settings import GROUP as MONITORING_GROUP
 from tests.compliance.conftest import TARGETS
 from tests.compliance.inventory import Target
 
@@ -33,8 +31,8 @@ def test_firewall_rules_are_the_inventorys_and_loaded(
     docs/gateway.md#exposure-and-the-firewall.
     """
     targets: list[Target] = request.config.stash[TARGETS]
-    gateways = [t.spec for t in targets if GATEWAY_GROUP in t.groups]
-    monitors = [t.spec for t in targets if MONITORING_GROUP in t.groups]
+    gateways = [t.spec for t in targets if t.spec.is_gateway]
+    monitors = [t.spec for t in targets if t.spec.is_monitoring]
     allowed = fw.allows(firewalled.spec, gateways, monitors)
     have = host.file(layout.FIREWALL_RULES).content_string
     assert have == fw.rules(firewalled.name, allowed), (

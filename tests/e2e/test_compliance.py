@@ -102,14 +102,17 @@ def deploy(site: Site) -> Run:
 
 def assert_all_pass(c: Compliance) -> None:
     """Every non-GPU check passed; every GPU check was skipped, saying why, and so was every
-    gateway check (the test host is in no group `gateway`)."""
+    gateway check (the test host is in no group `gateway`) and every firewall check
+    (llama_firewall is off)."""
     assert c.rc == 0 and not c.failed, c.summary()
     gpu = {k: v for k, v in c.skipped.items() if k.startswith("test_gpu::")}
     gateway = {k: v for k, v in c.skipped.items() if k.startswith("test_gateway::")}
-    assert {**gpu, **gateway} == c.skipped, (
-        f"checks skipped: {set(c.skipped) - set(gpu) - set(gateway)}"
+    fw = {k: v for k, v in c.skipped.items() if k.startswith("test_firewall::")}
+    assert {**gpu, **gateway, **fw} == c.skipped, (
+        f"checks skipped: {set(c.skipped) - set(gpu) - set(gateway) - set(fw)}"
     )
     assert all("is not in group 'gateway'" in why for why in gateway.values()), gateway
+    assert len(fw) == 2 and all("llama_firewall is off" in why for why in fw.values()), fw
     assert len(gpu) >= 7, c.summary()
     assert all("uses no GPU" in why for why in gpu.values()), gpu
     assert not any(k.startswith("test_gpu::") for k in c.passed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import socket
 import ssl
@@ -32,6 +33,7 @@ from llamahost.gateway import haproxy as hx
 from tests.bench import tiny_tokenizer
 from tests.e2e.conftest import Run, free_port
 from tests.e2e.fleet import REPO, Fleet, host_data
+from tests.support import testhost
 
 pytestmark = pytest.mark.e2e
 
@@ -647,3 +649,79 @@ def test_revoking_a_key_and_a_rate_limit_are_a_hitless_reload(gateway: Gateway) 
     assert codes[:5] == [200] * 5 and 429 in codes[5:], codes
     r = g.get("/v1/models", g.clients["alice"])
     assert r.status_code == 429 and r.headers.get("Retry-After") == "60"
+
+
+def test_a_gateway_that_serves_nothing(gateway: Gateway, tmp_path: Path) -> None:
+    """A fresh host in group `gateway` with llama_serve: false: it gets HAProxy in front of
+    the fleet and nothing of llama.cpp, the model or llama-server; the served hosts are not
+    restarted; its compliance runs the gateway's checks and skips the served ones; a rerun
+    changes nothing."""
+    g = gateway
+    f = g.fleet
+    name = f"gwonly{os.getpid()}"
+    th = testhost.create(name, free_port())
+    # The fleet's own gateway leaves group `gateway` in this inventory; its HAProxy is
+    # stopped meanwhile: both hosts share this machine's network namespace, where HAProxy's
+    # per-host abstract sockets (abns@llamahost-HOST) are one namespace (on real machines
+    # each gateway has its own).
+    f.sh(g.name, "systemctl stop haproxy")
+    try:
+        before = {n: invocation(f, n) for n in f.hosts}
+        port = free_port()
+        served = [(n, host_data(f.hosts[n], f.addresses[n], f.port, g._hub(), f.cache)
+                   | g.served_data) for n in f.hosts]  # fmt: skip
+        gw_data = host_data(th, "127.0.0.1", f.port, g._hub(), f.cache) | {
+            "llama_serve": False,
+            "llama_gateway_listen": "127.0.0.1",
+            "llama_gateway_port": port,
+            "llama_gateway_client_keys_file": str(g.keys_file),
+            "llama_gateway_rate_limit": 0,
+        }
+        inv = tmp_path / "gateway_only_inventory.py"
+        inv.write_text(f"hosts = {served!r}\ngateway = {[(name, gw_data)]!r}\n")
+        run = f.deploy(inventory=inv)
+        assert run.rc == 0, run.output[-6000:]
+        g.fleet.timings["gateway_only_first_run_s"] = round(run.seconds, 1)
+        assert {n: invocation(f, n) for n in f.hosts} == before  # no served host restarted
+        nothing = th.run("systemctl cat llama-server; ls /opt/llama.cpp", check=False)
+        assert nothing.returncode != 0, nothing.stdout
+        assert th.run("systemctl is-active haproxy").stdout.strip() == "active"
+        ca = tmp_path / "ca.pem"
+        ca.write_text(th.run(f"openssl x509 -in {layout.GATEWAY_PEM}").stdout)
+        url = f"https://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            raw = th.run(STAT).stdout
+            stats = hx.server_stats(raw)
+            if len(stats) == len(f.hosts) and not hx.out_of_rotation(stats):
+                break
+            assert time.monotonic() < deadline, raw
+            time.sleep(0.5)
+        for _ in range(len(f.hosts)):
+            r = requests.post(url + "/v1/chat/completions", verify=str(ca), timeout=60,
+                              headers={"Authorization": f"Bearer {g.clients['alice']}"},
+                              json={"messages": [{"role": "user", "content": "hi"}],
+                                    "max_tokens": 4})  # fmt: skip
+            assert r.status_code == 200, r.text[:300]
+        junit = tmp_path / "gwonly-compliance.xml"
+        argv = [sys.executable, "-m", "pytest", "tests/compliance/test_gateway.py",
+                "tests/compliance/test_service.py", "--inventory", str(inv),
+                "-p", "no:cacheprovider", "--junitxml", str(junit)]  # fmt: skip
+        p = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert junit.exists(), (p.stdout + p.stderr)[-4000:]
+        mine = {}
+        for tc in ET.parse(junit).getroot().iter("testcase"):  # noqa: S314
+            if f"[{name}]" in tc.get("name", ""):
+                skipped = tc.find("skipped")
+                state = "failure" if tc.find("failure") is not None else "passed"
+                mine[tc.get("name", "")] = state if skipped is None else skipped.get("message", "")
+        gw_checks = {k: v for k, v in mine.items() if "gateway" in k or "haproxy" in k
+                     or "rotation" in k}  # fmt: skip
+        assert gw_checks and set(gw_checks.values()) == {"passed"}, mine
+        others = [v for k, v in mine.items() if k not in gw_checks]
+        assert others and all("serves no llama-server" in v for v in others), mine
+        again = f.deploy(inventory=inv)
+        assert again.rc == 0 and again.changed_operations() == [], again.output[-4000:]
+    finally:
+        testhost.destroy(name)
+        f.sh(g.name, "systemctl start haproxy")

@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 FIX = REPO / "tests" / "bench" / "fixtures"
 OK_RUN = FIX / "tiny-c2"  # concurrency 2, 6 requests, 64 in / 16 out, the right key
 BAD_KEY_RUN = FIX / "wrong-key-c1"  # concurrency 1, 4 requests, a wrong key
+BURST_RUN = FIX / "burst-c2"  # every answer in one read: no per-user rate from aiperf
 
 
 def profile(name: str, **data: Any) -> Profile:
@@ -199,6 +200,15 @@ def test_a_recorded_run_reads_consistent_positive_figures() -> None:
     # The records agree with the summary.
     ok, errors, _ = aiperf.read_records(OK_RUN / aiperf.RECORDS)
     assert (ok, errors) == (s.requests, 0)
+
+
+def test_an_answer_in_one_read_still_has_a_per_user_rate() -> None:
+    summary = json.loads((BURST_RUN / aiperf.SUMMARY).read_text())
+    assert summary.get("output_token_throughput_per_user") is None  # what aiperf wrote
+    c = aiperf.read(BURST_RUN)
+    assert c.itl_p95 == 0 and c.requests == 4
+    latency = summary["request_latency"]["p50"]
+    assert c.tps_user_p50 == pytest.approx(16 / (latency / 1000))
 
 
 def test_a_refused_key_counts_every_request_as_an_error() -> None:

@@ -192,6 +192,23 @@ def test_a_loopback_server_the_gateway_cannot_reach_is_refused(keys_file: Path) 
     assert hx.servers("gw", [same])[0].address == "127.0.0.1:8080"
 
 
+def test_a_host_that_serves_nothing_must_have_a_role(keys_file: Path) -> None:
+    bad = refused("gw", gateway_data(keys_file, llama_serve=False), gateway=False)
+    assert "must be in group `gateway` or `monitoring`" in bad["llama_serve"]
+    gw = spec("gw", gateway_data(keys_file, llama_serve=False), gateway=True)
+    assert not gw.serves and gw.lock.path is None
+    mon = resolve_host("m", {"ssh_hostname": "10.0.0.9", "llama_serve": False},
+                       is_monitoring=True)  # fmt: skip
+    assert not mon.serves
+
+
+def test_a_gateway_with_no_served_host_is_refused(keys_file: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        hx.servers("gw", [])
+    assert e.value.host == "gw" and e.value.errors[0].key == "group gateway"
+    assert "no served host" in e.value.errors[0].allowed
+
+
 def test_server_names_are_safe_for_haproxy() -> None:
     assert hx.server_name("gpu-01.example") == "gpu-01.example"
     odd = hx.server_name("user@host:22")
@@ -388,6 +405,19 @@ def test_keys_limits_and_bodies_answered_by_the_gateway(live_gateway: str, tmp_p
     codes = [post(ALICE).status_code for _ in range(4)]
     assert codes == [200, 200, 200, 429], codes
     assert post(ALICE).headers.get("Retry-After") == "60"
+
+
+@HAPROXY
+def test_the_deploy_can_tell_what_haproxy_runs(live_gateway: str, tmp_path: Path) -> None:
+    """The check after a reload: passes when the running HAProxy has exactly the rendered
+    servers, fails (saying so) when it does not, as after a reload that could not start."""
+    sock = str(tmp_path / "admin.sock")
+    ok = hx.serves_config_check([hx.Server("a", "a", "127.0.0.1:1", 2)], sock, wait_s=2)
+    assert subprocess.run(["bash", "-c", ok], capture_output=True).returncode == 0
+    other = [hx.Server(n, n, "127.0.0.1:1", 2) for n in ("a", "b")]
+    p = subprocess.run(["bash", "-c", hx.serves_config_check(other, sock, wait_s=1)],
+                       capture_output=True, text=True)  # fmt: skip
+    assert p.returncode == 1 and "servers: a; expected: a b" in p.stderr, p.stderr
 
 
 def _backend(port: int) -> subprocess.Popen[bytes]:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import shlex
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from io import StringIO
 
 from pyinfra.api.operation import OperationMeta, operation
 from pyinfra.context import host
+from pyinfra.facts.files import Sha256File
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
-from pyinfra.operations import server, systemd
+from pyinfra.operations import files, server, systemd
 
 from tasks.facts import UnitActiveState
 
@@ -118,3 +120,21 @@ def activate(
             ),
         )
     return Activation(started, restarts)
+
+
+def checked_put(what: str, text: str, *, staged: str, live: str, check: str) -> OperationMeta:
+    """A configuration file put in place only once its program accepts it: ``text`` is
+    uploaded to ``staged``, ``check`` (a command with ``{}`` for the staged path, e.g.
+    ``haproxy -c -q -f {}``) must pass, and only then is it installed at ``live`` (0644,
+    a rename). A refused file leaves the live one and its service alone; a later run checks
+    again (also when the staged file is unchanged but the live one differs)."""
+    up = files.put(name=f"Stage {what}", src=StringIO(text), dest=staged, mode="0644")
+    live_sha = host.get_fact(Sha256File, path=live)
+    same = live_sha is not None and live_sha == host.get_fact(Sha256File, path=staged)
+    s, lv = shlex.quote(staged), shlex.quote(live)
+    # Shell because the check is the program's own.
+    return server.shell(
+        name=f"Check {what} ({check.split(' {}')[0]}) and put it in place",
+        commands=[f"{check.format(s)} && install -m 0644 {s} {lv}.new && mv -f {lv}.new {lv}"],
+        _if=up.did_change if same else None,
+    )

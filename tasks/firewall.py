@@ -14,14 +14,14 @@ from io import StringIO
 
 from pyinfra.context import host, inventory
 from pyinfra.facts.deb import DebPackages
-from pyinfra.facts.files import File, Sha256File
+from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, server, systemd
 
 from llamahost import firewall as fw
 from llamahost import layout
 from llamahost.checks import ConfigError
 from llamahost.spec import HostSpec, inventory_specs
-from tasks.activate import activate
+from tasks.activate import activate, checked_put
 from tasks.facts import NftTable
 from tasks.preflight import refuse
 
@@ -52,25 +52,12 @@ def apply(spec: HostSpec) -> None:
         )
     files.directory(name="llamahost firewall directory", path=layout.FIREWALL_DIR,
                     user="root", group="root", mode="0755")  # fmt: skip
-    staged = files.put(
-        name="Stage the firewall rules",
-        src=StringIO(fw.rules(host.name, allowed)),
-        dest=layout.FIREWALL_STAGED,
-        mode="0644",
-    )
-    live_sha = host.get_fact(Sha256File, path=layout.FIREWALL_RULES)
-    same = live_sha is not None and live_sha == host.get_fact(
-        Sha256File, path=layout.FIREWALL_STAGED
-    )
-    staged_q, live_q = layout.FIREWALL_STAGED, layout.FIREWALL_RULES
-    # Shell because the check is nft's own: a file it refuses never replaces the live one.
-    rules = server.shell(
-        name="Check the firewall rules (nft -c) and put them in place",
-        commands=[
-            f"nft -c -f {staged_q} && install -m 0644 {staged_q} {live_q}.new"
-            f" && mv -f {live_q}.new {live_q}"
-        ],
-        _if=staged.did_change if same else None,
+    rules = checked_put(
+        "the firewall rules",
+        fw.rules(host.name, allowed),
+        staged=layout.FIREWALL_STAGED,
+        live=layout.FIREWALL_RULES,
+        check="nft -c -f {}",
     )
     unit = files.put(
         name=f"Unit {layout.FIREWALL_UNIT}",

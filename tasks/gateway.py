@@ -15,7 +15,6 @@ import hashlib
 import ipaddress
 import re
 import shlex
-from io import StringIO
 
 from pyinfra import logger
 from pyinfra.api.facts import FactBase
@@ -23,7 +22,7 @@ from pyinfra.api.host import Host
 from pyinfra.api.operation import OperationMeta
 from pyinfra.api.state import State
 from pyinfra.context import host, inventory, state
-from pyinfra.facts.files import File, Sha256File
+from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, python, server
 
 from llamahost import layout
@@ -33,7 +32,7 @@ from llamahost.gateway.clients import client_map, read_client_keys
 from llamahost.gateway.settings import GROUP, GatewayConfig, controller_file
 from llamahost.spec import HostSpec
 from tasks import secret
-from tasks.activate import activate
+from tasks.activate import activate, checked_put
 from tasks.facts import KeyDigest
 from tasks.preflight import refuse, served_specs
 
@@ -246,26 +245,11 @@ def _write_backend_keys(
 
 
 def _configuration(gw: GatewayConfig, backends: list[hx.Server]) -> OperationMeta:
-    """Stage haproxy.cfg, check it with ``haproxy -c``, then put it in place. A failed check
-    leaves the live configuration and HAProxy alone; a later run checks again."""
-    staged = files.put(
-        name="Stage the HAProxy configuration",
-        src=StringIO(hx.haproxy_cfg(host.name, gw, backends)),
-        dest=layout.GATEWAY_STAGED_CONFIG,
-        mode="0644",
-    )
-    live_sha = host.get_fact(Sha256File, path=layout.HAPROXY_CONFIG)
-    same = live_sha is not None and live_sha == host.get_fact(
-        Sha256File, path=layout.GATEWAY_STAGED_CONFIG
-    )
-    staged_q, live_q = layout.GATEWAY_STAGED_CONFIG, layout.HAPROXY_CONFIG
-    # Shell because the check is HAProxy's own. Runs when the staged file changed, or when
-    # the live one differs (a check that failed on an earlier run).
-    return server.shell(
-        name="Check the HAProxy configuration (haproxy -c) and put it in place",
-        commands=[
-            f"haproxy -c -q -f {staged_q} && install -m 0644 {staged_q} {live_q}.new"
-            f" && mv -f {live_q}.new {live_q}"
-        ],
-        _if=staged.did_change if same else None,
+    """haproxy.cfg, put in place once ``haproxy -c`` accepts it."""
+    return checked_put(
+        "the HAProxy configuration",
+        hx.haproxy_cfg(host.name, gw, backends),
+        staged=layout.GATEWAY_STAGED_CONFIG,
+        live=layout.HAPROXY_CONFIG,
+        check="haproxy -c -q -f {}",
     )

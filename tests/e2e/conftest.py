@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,25 @@ class Site:
             " systemctl show llama-server.service -p ActiveEnterTimestampMonotonic,NRestarts",
             check=False,
         )
+
+
+def run_compliance(inventory: Path, modules: list[str], junit: Path) -> dict[str, tuple[str, str]]:
+    """tests/compliance/<module> over ``inventory``, as a user runs it: each check's JUnit
+    name (``test_x[host]``) → (outcome, message): passed, failure, error or skipped."""
+    argv = [sys.executable, "-m", "pytest", *(f"tests/compliance/{m}" for m in modules),
+            "--inventory", str(inventory), "-p", "no:cacheprovider",
+            "--junitxml", str(junit)]  # fmt: skip
+    p = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert junit.exists(), (p.stdout + p.stderr)[-4000:]
+    out = {}
+    for tc in ET.parse(junit).getroot().iter("testcase"):  # noqa: S314
+        outcome, message = "passed", ""
+        for kind in ("failure", "error", "skipped"):
+            found = tc.find(kind)
+            if found is not None:
+                outcome, message = kind, found.get("message", "")
+        out[tc.get("name", "")] = (outcome, message)
+    return out
 
 
 def require_prerequisites(what: str, *tools: str) -> None:

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any
 import pytest
 
 from llamahost import layout
-from tests.e2e.conftest import Run, require_prerequisites
+from tests.e2e.conftest import Run, require_prerequisites, run_compliance
 from tests.support import testhost
 
 REPO = testhost.REPO
@@ -130,21 +129,10 @@ def assert_filtered(n: Net) -> None:
 
 
 def compliance(n: Net, tmp: Path) -> dict[str, str]:
+    """The firewall checks of the served host (the gateway host's skip: its firewall is off)."""
     junit = tmp / f"fw-compliance-{time.monotonic_ns()}.xml"
-    argv = [sys.executable, "-m", "pytest", "tests/compliance/test_firewall.py", "--inventory",
-            str(n.inventory), "-p", "no:cacheprovider", "--junitxml", str(junit)]  # fmt: skip
-    p = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert junit.exists(), (p.stdout + p.stderr)[-4000:]
-    out = {}
-    for tc in ET.parse(junit).getroot().iter("testcase"):  # noqa: S314
-        state = "passed"
-        for kind in ("failure", "error", "skipped"):
-            if tc.find(kind) is not None:
-                state = kind
-        name = tc.get("name", "")
-        if n.served.name in name:  # the gateway host's checks skip: its firewall is off
-            out[name.split("[")[0]] = state
-    return out
+    results = run_compliance(n.inventory, ["test_firewall.py"], junit)
+    return {k.split("[")[0]: v[0] for k, v in results.items() if n.served.name in k}
 
 
 def test_firewall_lets_only_the_gateway_and_monitoring_in(net: Net, tmp_path: Path) -> None:

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from llamahost import layout
 from llamahost.bench.run import BENCH_VENV
 from llamahost.gateway import haproxy as hx
 from tests.bench import tiny_tokenizer
-from tests.e2e.conftest import Run, free_port
+from tests.e2e.conftest import Run, free_port, run_compliance
 from tests.e2e.fleet import REPO, Fleet, host_data
 from tests.support import testhost
 
@@ -246,18 +245,7 @@ def test_a_rerun_changes_nothing(gateway: Gateway) -> None:
 def compliance(g: Gateway, tmp: Path) -> dict[str, str]:
     """The gateway's compliance checks over the gateway inventory: check id → outcome."""
     junit = tmp / f"gateway-compliance-{time.monotonic_ns()}.xml"
-    argv = [sys.executable, "-m", "pytest", "tests/compliance/test_gateway.py", "--inventory",
-            str(g.inventory), "-p", "no:cacheprovider", "--junitxml", str(junit)]  # fmt: skip
-    p = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert junit.exists(), (p.stdout + p.stderr)[-4000:]
-    out = {}
-    for tc in ET.parse(junit).getroot().iter("testcase"):  # noqa: S314
-        state = "passed"
-        for kind in ("failure", "error", "skipped"):
-            if tc.find(kind) is not None:
-                state = kind
-        out[tc.get("name", "")] = state
-    return out
+    return {k: v[0] for k, v in run_compliance(g.inventory, ["test_gateway.py"], junit).items()}
 
 
 def test_compliance_passes_fails_on_a_breakage_and_a_rerun_repairs(
@@ -704,17 +692,9 @@ def test_a_gateway_that_serves_nothing(gateway: Gateway, tmp_path: Path) -> None
                                     "max_tokens": 4})  # fmt: skip
             assert r.status_code == 200, r.text[:300]
         junit = tmp_path / "gwonly-compliance.xml"
-        argv = [sys.executable, "-m", "pytest", "tests/compliance/test_gateway.py",
-                "tests/compliance/test_service.py", "--inventory", str(inv),
-                "-p", "no:cacheprovider", "--junitxml", str(junit)]  # fmt: skip
-        p = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert junit.exists(), (p.stdout + p.stderr)[-4000:]
-        mine = {}
-        for tc in ET.parse(junit).getroot().iter("testcase"):  # noqa: S314
-            if f"[{name}]" in tc.get("name", ""):
-                skipped = tc.find("skipped")
-                state = "failure" if tc.find("failure") is not None else "passed"
-                mine[tc.get("name", "")] = state if skipped is None else skipped.get("message", "")
+        results = run_compliance(inv, ["test_gateway.py", "test_service.py"], junit)
+        mine = {k: (v[0] if v[0] != "skipped" else v[1]) for k, v in results.items()
+                if f"[{name}]" in k}  # fmt: skip
         gw_checks = {k: v for k, v in mine.items() if "gateway" in k or "haproxy" in k
                      or "rotation" in k}  # fmt: skip
         assert gw_checks and set(gw_checks.values()) == {"passed"}, mine

@@ -41,9 +41,8 @@ def apply(spec: HostSpec) -> None:
     except ConfigError as e:
         raise refuse(str(e)) from None
     # Installed already (cloud images often have it): no package index update either.
-    pkg = None
     if "nftables" not in host.get_fact(DebPackages):
-        pkg = apt.packages(
+        apt.packages(
             name="Install nftables",
             packages=["nftables"],
             update=True,
@@ -72,7 +71,6 @@ def apply(spec: HostSpec) -> None:
     activate(
         layout.FIREWALL_UNIT,
         unit_file=unit,
-        installed_by=[pkg] if pkg else [],
         reload_on=[rules],
         why="its unit changed",
     )

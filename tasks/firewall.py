@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from io import StringIO
 
-from pyinfra.context import host, inventory
+from pyinfra.context import host
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, server, systemd
@@ -20,10 +20,10 @@ from pyinfra.operations import apt, files, server, systemd
 from llamahost import firewall as fw
 from llamahost import layout
 from llamahost.checks import ConfigError
-from llamahost.spec import HostSpec, inventory_specs
+from llamahost.spec import HostSpec
 from tasks.activate import activate, checked_put
 from tasks.facts import NftTable
-from tasks.preflight import refuse
+from tasks.preflight import inventory_specs_or_refuse, refuse
 
 UNIT_PATH = f"{layout.SYSTEMD_DIR}/{layout.FIREWALL_UNIT}"
 
@@ -33,7 +33,7 @@ def apply(spec: HostSpec) -> None:
     if not spec.gateway.firewall:
         _remove()
         return
-    specs, _ = inventory_specs([(h.name, h.data.dict(), h.groups) for h in inventory])
+    specs = inventory_specs_or_refuse()
     gateways = [s for s in specs if s.is_gateway]
     monitors = [s for s in specs if s.is_monitoring]
     try:

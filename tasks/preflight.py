@@ -37,13 +37,18 @@ def validated_spec() -> HostSpec:
         raise refuse(str(e)) from None
 
 
-def served_specs() -> list[HostSpec]:
-    """Every host of the inventory that serves a llama-server (what gateways balance,
-    Prometheus scrapes, firewalls protect), as the deploy sees it."""
+def inventory_specs_or_refuse() -> list[HostSpec]:
+    """Every host of the inventory, as the deploy sees it; any invalid one stops the run."""
     specs, errors = inventory_specs([(h.name, h.data.dict(), h.groups) for h in host.inventory])
     if errors:
         raise refuse("\n".join(str(e) for e in errors))
-    return [s for s in specs if s.serves]
+    return specs
+
+
+def served_specs() -> list[HostSpec]:
+    """Every host of the inventory that serves a llama-server (what gateways balance,
+    Prometheus scrapes, firewalls protect)."""
+    return [s for s in inventory_specs_or_refuse() if s.serves]
 
 
 def host_spec() -> HostSpec:

@@ -60,6 +60,19 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def out_dir(given: str | None, kind: str) -> Path:
+    """--out, else reports/<kind>/<UTC time>; made."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(given) if given else REPO / "reports" / kind / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def print_written(lines: list[str]) -> None:
+    for line in lines:
+        print(f"wrote {line}" if not line.startswith("no plot") else line)
+
+
 def compare_main(a_path: str, b_path: str) -> int:
     def load(p: str) -> dict[str, Any]:
         try:
@@ -136,9 +149,7 @@ def bench_main(argv: list[str]) -> int:
     except run.BenchError as e:
         print(f"REFUSED {e}")
         return 2
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(a.out) if a.out else REPO / "reports" / "bench" / stamp
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(a.out, "bench")
     data = {name: d for name, d, _ in chosen}
     reports, failed = [], False
     for spec, wl, targets in plans:
@@ -170,8 +181,7 @@ def bench_main(argv: list[str]) -> int:
         print(report.summary(rep))
         failed = failed or any(lv["errors"] for lv in rep["levels"])
     if reports:
-        for line in run.write_run(reports, out, aiperf):
-            print(f"wrote {line}" if not line.startswith("no plot") else line)
+        print_written(run.write_run(reports, out, aiperf))
     print(f"bench: {out}")
     return 1 if failed or not reports else 0
 
@@ -230,14 +240,12 @@ def gateway_main(
             if not chosen:
                 print(f"REFUSED client={a.client!r}: not in the gateway's client keys file")
                 return 2
-            key = chosen[0].key.reveal().strip()
+            key = chosen[0].token()
         tokenizer = a.tokenizer or str(tok.fetch(first.cfg, REPO / ".cache"))
     except (OSError, ValueError, tok.TokenizerError) as e:
         print(f"REFUSED {e}")
         return 2
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(a.out) if a.out else REPO / "reports" / "bench" / stamp
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(a.out, "bench")
     data = {name: d for name, d, _ in hosts}
     try:
         ca = run.gateway_ca(gw, data[gw.name], out)
@@ -256,8 +264,7 @@ def gateway_main(
     rep = run.run_host(target, wl, targets, aiperf=aiperf, tokenizer=tokenizer, out=out,
                        run_label=a.label, timeout_s=a.timeout, sample_server=False)  # fmt: skip
     print(report.summary(rep))
-    for line in run.write_run([rep], out, aiperf):
-        print(f"wrote {line}" if not line.startswith("no plot") else line)
+    print_written(run.write_run([rep], out, aiperf))
     print(f"bench: {out}")
     return 1 if any(lv["errors"] for lv in rep["levels"]) else 0
 
@@ -327,9 +334,7 @@ def tune_main(argv: list[str]) -> int:
     # Ctrl-C must reach the loop below (and so the restore), even when tune was started
     # with SIGINT ignored, as a shell does for a job it puts in the background.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(a.out) if a.out else REPO / "reports" / "tune" / stamp
-    out.mkdir(parents=True, exist_ok=True)
+    out = out_dir(a.out, "tune")
     reports: dict[str, dict[str, Any]] = {}
     report_paths: list[Path] = []
     try:

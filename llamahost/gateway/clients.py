@@ -27,6 +27,10 @@ class ClientKey:
     def __repr__(self) -> str:
         return f"ClientKey({self.name!r}, <hidden>)"
 
+    def token(self) -> str:
+        """The bare key, as a client sends it (the Secret holds it as a file's line)."""
+        return self.key.reveal().rstrip("\n")
+
 
 def parse_client_keys(text: str) -> list[ClientKey]:
     """The clients of a keys file; Invalid names the line, never the key."""
@@ -67,4 +71,4 @@ def read_client_keys(path: Path) -> list[ClientKey]:
 
 def client_map(clients: list[ClientKey]) -> Secret:
     """HAProxy map file: key → client name (the key is the lookup)."""
-    return Secret("".join(f"{c.key.reveal().strip()} {c.name}\n" for c in clients))
+    return Secret("".join(f"{c.token()} {c.name}\n" for c in clients))

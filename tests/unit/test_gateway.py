@@ -24,6 +24,7 @@ from llamahost.checks import ConfigError, Invalid
 from llamahost.gateway import haproxy as hx
 from llamahost.gateway.clients import client_map, parse_client_keys
 from llamahost.spec import HostSpec, resolve_host
+from tests.support import sse_backend
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[2]
@@ -258,11 +259,9 @@ def test_haproxy_accepts_the_rendered_configuration(keys_file: Path, tmp_path: P
     assert broken.returncode != 0
 
 
-class PacedSSE(http.server.BaseHTTPRequestHandler):
+class PacedSSE(sse_backend.Handler):
     """A llama-server stand-in: answers every request with 40 events 25 ms apart, each
     echoing the Authorization header it got."""
-
-    protocol_version = "HTTP/1.1"
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -280,16 +279,6 @@ class PacedSSE(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             time.sleep(0.025)
         self.wfile.write(b"0\r\n\r\n")
-
-    def do_GET(self) -> None:
-        body = b'{"status":"ok"}'
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 def sse_server(burst: bool = False) -> http.server.ThreadingHTTPServer:

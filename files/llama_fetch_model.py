@@ -54,6 +54,14 @@ from typing import IO
 # 1 MiB reads measured slower), which the writer thread then writes and hashes at once. A
 # connection that is closed mid-read loses nothing; one reset mid-read loses that read.
 BUFFER = 8 << 20
+# Each buffer reaches the page cache in writes of this size, not in one. Measured on the
+# build machine (a VM, Linux 6.18, ext4): with 8 MiB writes 9 of 15 one-GiB downloads spent
+# 2-3 s more system time per GiB, all of it in the kernel's copy into the page cache (perf:
+# copy_folio_from_iter_atomic); with 1 MiB writes 2 of 6; with 256 KiB none of 26. Likely
+# cause: a large write gets the page cache in large blocks (large folios), and in a VM
+# whose freed memory goes back to the hypervisor those are the pages it must fault in
+# again (docs/download.md, Throughput).
+WRITE = 256 << 10
 PROGRESS = 1 << 20  # an attempt that brought this much starts the count of retries again
 BUFFERS = 6  # buffers in flight: one being received, the others written or hashed
 MIB = 1 << 20
@@ -145,7 +153,7 @@ class Sink:
                 if self.error is None:  # after an error: drain, so put() never blocks
                     view = memoryview(buf)[:n]
                     while view:
-                        wrote = self.out.write(view)
+                        wrote = self.out.write(view[:WRITE])
                         if not wrote:
                             raise OSError(f"could not write to {self.out.name}")
                         view = view[wrote:]

@@ -6,7 +6,10 @@ Serves a random file from the local Hub endpoint and downloads it with `curl` an
 files/llama_fetch_model.py (which also resolves the file through huggingface_hub, hashes it
 and promotes it), each `--rounds` times and each first in every other round; prints the
 median seconds and the ratios measured in this one run. The endpoint's sha256 of the file
-is computed before the first round, as the Hub has it before anyone asks. The script
+is computed before the first round, as the Hub has it before anyone asks. Each round also
+fetches a 1 MiB file both ways: the script's start and finish (interpreter,
+huggingface_hub's import, the file's metadata, promotion) cost the same for any size, so
+the transfer's own throughput is also given, with that fixed cost taken off both sides. The script
 fsyncs its file before promoting it (the verify-then-promote rule): curl's time is also
 given with its file fsynced after it (not in the first ratio; docs/download.md, Throughput).
 --script compares another version of the script (`git show REV:files/llama_fetch_model.py`).
@@ -40,14 +43,18 @@ def main() -> int:
         with open(root / "bench" / "m" / "big.gguf", "wb") as out:
             for _ in range(a.mib):
                 out.write(os.urandom(1 << 20))
+        (root / "bench" / "m" / "small.gguf").write_bytes(os.urandom(1 << 20))
         os.sync()  # the source on disk first: its writeback is not the clients' to wait for
         with HubServer(root) as hub:
-            hub.hub.sha256(root / "bench" / "m" / "big.gguf")
+            for name in ("big.gguf", "small.gguf"):
+                hub.hub.sha256(root / "bench" / "m" / name)
             url = f"{hub.url}/bench/m/resolve/main/big.gguf"
+            small = f"{hub.url}/bench/m/resolve/main/small.gguf"
             env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": f"{tmp}/hf"}
             curl: list[float] = []
             synced: list[float] = []  # curl, then its file's fsync
             fetch: list[float] = []
+            fixed: dict[str, list[float]] = {"curl": [], "fetch": []}  # the 1 MiB file
 
             def run_curl(i: int) -> None:
                 t0 = time.monotonic()
@@ -58,16 +65,27 @@ def main() -> int:
                 synced.append(time.monotonic() - t0)
                 os.unlink(f"{tmp}/c{i}")
 
-            def run_fetch(i: int) -> None:
+            def fetch_once(i: int, name: str) -> float:
                 t0 = time.monotonic()
                 subprocess.run(
                     [sys.executable, a.script,
-                     "--repo", "bench/m", "--file", "big.gguf", "--revision", "main",
-                     "--dest", f"{tmp}/f{i}/big.gguf", "--margin-mib", "0", "--every", "3600"],
+                     "--repo", "bench/m", "--file", name, "--revision", "main",
+                     "--dest", f"{tmp}/f{i}/{name}", "--margin-mib", "0", "--every", "3600"],
                     env=env, check=True, stdout=subprocess.DEVNULL,
                 )  # fmt: skip
-                fetch.append(time.monotonic() - t0)
-                os.unlink(f"{tmp}/f{i}/big.gguf")
+                took = time.monotonic() - t0
+                os.unlink(f"{tmp}/f{i}/{name}")
+                return took
+
+            def run_fetch(i: int) -> None:
+                fetch.append(fetch_once(i, "big.gguf"))
+
+            def run_fixed(i: int) -> None:
+                t0 = time.monotonic()
+                subprocess.run(["curl", "-sSfo", f"{tmp}/s{i}", small], check=True)
+                fixed["curl"].append(time.monotonic() - t0)
+                os.unlink(f"{tmp}/s{i}")
+                fixed["fetch"].append(fetch_once(i, "small.gguf"))
 
             # Each goes first in every other round: on the 2-core build machine the same
             # script measured 0.37 of curl's throughput run right after curl and 0.48 run
@@ -75,12 +93,18 @@ def main() -> int:
             for i in range(a.rounds):
                 for run in (run_curl, run_fetch) if i % 2 == 0 else (run_fetch, run_curl):
                     run(i)
+                run_fixed(i)
     c, cs, f = statistics.median(curl), statistics.median(synced), statistics.median(fetch)
+    fc, ff = statistics.median(fixed["curl"]), statistics.median(fixed["fetch"])
     print(
         f"{a.mib} MiB, median of {a.rounds}: curl {c:.2f} s ({a.mib / c:.0f} MiB/s; "
         f"{cs:.2f} s with its file fsynced), fetch {f:.2f} s ({a.mib / f:.0f} MiB/s, sha256, "
         f"fsync and promotion included); fetch/curl time ratio {f / c:.2f}, "
         f"throughput ratio {c / f:.2f} ({cs / f:.2f} against curl with fsync)"
+    )
+    print(
+        f"1 MiB file: curl {fc:.2f} s, fetch {ff:.2f} s; without that fixed cost, throughput "
+        f"ratio {(c - fc) / (f - ff):.2f} ({(cs - fc) / (f - ff):.2f} against curl with fsync)"
     )
     print(f"rounds: curl {[round(x, 2) for x in curl]}, fetch {[round(x, 2) for x in fetch]}")
     return 0

@@ -24,7 +24,7 @@ from llamahost.checks import ConfigError, Invalid
 from llamahost.gateway import haproxy as hx
 from llamahost.gateway.clients import client_map, parse_client_keys
 from llamahost.spec import HostSpec, resolve_host
-from tests.support import sse_backend
+from tests.support import rotation, sse_backend
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[2]
@@ -491,3 +491,37 @@ def test_show_stat_recorded_from_haproxy() -> None:
     assert hx.out_of_rotation(stats) == ["b"]
     with pytest.raises(ValueError):
         hx.server_stats("No such server.\n")
+
+
+# HAProxy 2.6.12's own lines (Debian 12), recorded while a server was drained, stopped,
+# set ready and started again; the e2e rolling test reads the gateway's log with this.
+_DRAIN_CYCLE = """\
+Server llama/b enters drain state. 1 active and 0 backup servers online. 0 sessions requeued, 0 total in queue.
+Server llama/b is DOWN, reason: Layer4 connection problem, info: "Connection refused", check duration: 0ms. 1 active and 0 backup servers left. 0 sessions active, 0 requeued, 0 remaining in queue.
+Server llama/b remains in forced drain mode.
+Server llama/b is DOWN (leaving forced drain).
+Server llama/b is UP, reason: Layer4 check passed, check duration: 0ms. 2 active and 0 backup servers online. 0 sessions requeued, 0 total in queue.
+"""  # noqa: E501
+
+
+def test_rotation_replays_a_drain_cycle_from_haproxys_log() -> None:
+    rot = rotation.replay(_DRAIN_CYCLE, "llama")
+    assert rot.events["b"][0] == "enters drain state"
+    assert rot.most_out == 1 and rot.out_at_end == []
+    # Still down after leaving drain: out until it is UP.
+    rot = rotation.replay("\n".join(_DRAIN_CYCLE.splitlines()[:4]), "llama")
+    assert rot.out_at_end == ["b"]
+    # Another backend's lines are not this one's.
+    assert rotation.replay(_DRAIN_CYCLE, "other").events == {}
+
+
+def test_rotation_counts_servers_out_at_the_same_time() -> None:
+    log = (
+        "Server llama/a enters drain state.\n"
+        "Server llama/b is DOWN, reason: Layer7 timeout\n"
+        "Server llama/a is UP (leaving forced drain).\n"
+        "Server llama/b is UP, reason: Layer7 check passed\n"
+    )
+    rot = rotation.replay(log, "llama")
+    assert rot.most_out == 2 and rot.out_at_end == []
+    assert rot.events["a"] == ["enters drain state", "is UP (leaving forced drain)"]

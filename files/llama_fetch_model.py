@@ -54,14 +54,15 @@ from typing import IO
 # 1 MiB reads measured slower), which the writer thread then writes and hashes at once. A
 # connection that is closed mid-read loses nothing; one reset mid-read loses that read.
 BUFFER = 8 << 20
-# Each buffer reaches the page cache in writes of this size, not in one. Measured on the
-# build machine (a VM, Linux 6.18, ext4): with 8 MiB writes 9 of 15 one-GiB downloads spent
-# 2-3 s more system time per GiB, all of it in the kernel's copy into the page cache (perf:
-# copy_folio_from_iter_atomic); with 1 MiB writes 2 of 6; with 256 KiB none of 26. Likely
-# cause: a large write gets the page cache in large blocks (large folios), and in a VM
-# whose freed memory goes back to the hypervisor those are the pages it must fault in
-# again (docs/download.md, Throughput).
-WRITE = 256 << 10
+# Each buffer reaches the page cache in writes of this size (curl writes 16 KiB at most),
+# not in one. The build machine, a VM (Linux 6.18, ext4), hands freed memory back to its
+# hypervisor in 2 MiB blocks (virtio-balloon free page reporting); a page-cache block made
+# of such memory is faulted in again on first write, seen as system time in the copy into
+# the page cache (perf: copy_folio_from_iter_atomic), and larger writes get larger blocks.
+# One GiB with sha256 and fsync, 24 downloads each: 256 KiB writes took 1.47-1.55 s in 10
+# and 1.76-2.98 s in 14; 16 KiB writes 1.40-2.04 s, median 1.63 (8 MiB writes, another
+# day: 2-3 s more in 9 of 15). docs/download.md, Throughput.
+WRITE = 16 << 10
 PROGRESS = 1 << 20  # an attempt that brought this much starts the count of retries again
 BUFFERS = 6  # buffers in flight: one being received, the others written or hashed
 MIB = 1 << 20
@@ -112,9 +113,8 @@ class Sink:
     transfer goes on: the fsync before promotion then waits for the last stretch only, and
     a long download never piles up gigabytes of unwritten pages.
 
-    Measured on 2 cores (tests/bench/download.py's setup, 1 GiB, 10 rounds, the order
-    rotated): throughput against curl's 0.46-0.54 like this, 0.44-0.50 without the third
-    thread (one fsync at the end), 0.37-0.45 with one thread both writing and hashing.
+    Measured on 2 cores (docs/download.md, Throughput): each of the three threads made
+    the download faster than doing its work on the thread before it.
     """
 
     FLUSH = 256 << 20

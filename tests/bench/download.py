@@ -9,9 +9,10 @@ median seconds and the ratios measured in this one run. The endpoint's sha256 of
 is computed before the first round, as the Hub has it before anyone asks. Each round also
 fetches a 1 MiB file both ways: the script's start and finish (interpreter,
 huggingface_hub's import, the file's metadata, promotion) cost the same for any size, so
-the transfer's own throughput is also given, with that fixed cost taken off both sides. The script
-fsyncs its file before promoting it (the verify-then-promote rule): curl's time is also
-given with its file fsynced after it (not in the first ratio; docs/download.md, Throughput).
+the transfer's own throughput is also given, with that fixed cost taken off both sides.
+The script fsyncs its file before promoting it (the verify-then-promote rule): curl's time
+is also given with its file fsynced after it (not in the first ratio; docs/download.md,
+Throughput).
 --script compares another version of the script (`git show REV:files/llama_fetch_model.py`).
 """
 

@@ -113,8 +113,8 @@ class Sink:
     transfer goes on: the fsync before promotion then waits for the last stretch only, and
     a long download never piles up gigabytes of unwritten pages.
 
-    Measured on 2 cores (docs/download.md, Throughput): each of the three threads made
-    the download faster than doing its work on the thread before it.
+    Measured on 2 cores (docs/download.md, Throughput): writing and hashing on one thread
+    was slower, and so was one fsync at the end instead of the third thread.
     """
 
     FLUSH = 256 << 20

@@ -53,7 +53,10 @@ def replay(log: str, backend: str) -> Rotation:
         elif what.startswith("is UP"):
             down[srv] = False
         rot.events.setdefault(srv, []).append(re.split(r"[.,](?:\s|$)", what)[0])
-        out = [s for s in set(admin) | set(down) if admin.get(s) or down.get(s)]
-        rot.most_out = max(rot.most_out, len(out))
-        rot.out_at_end = sorted(out)
+        rot.most_out = max(rot.most_out, len(_out(admin, down)))
+    rot.out_at_end = _out(admin, down)
     return rot
+
+
+def _out(admin: dict[str, bool], down: dict[str, bool]) -> list[str]:
+    return sorted(s for s in admin.keys() | down.keys() if admin.get(s) or down.get(s))

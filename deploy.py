@@ -3,13 +3,28 @@
 Reads like the bring-up checklist; each step is one module in tasks/.
 """
 
-from tasks import firewall, gateway, gpu, llama_cpp, model, monitoring, packages, preflight, service
+from tasks import (
+    firewall,
+    gateway,
+    gpu,
+    llama_cpp,
+    model,
+    monitoring,
+    packages,
+    preflight,
+    rolling,
+    service,
+)
 
 # 0. Inventory data valid (every setting, one spec per host), the distribution supported,
 #    and on served hosts their paths free or already the toolkit's and the profile's memory
 #    planned (else the run stops before any change on any host).
 spec = preflight.host_spec()
 dist = preflight.distribution()
+rolling.refuse_unbounded()
+
+# 0b. On gateways: what an earlier run drained and never put back goes back first.
+gateway.repair_left_drained(spec)
 
 # A host with llama_serve: false runs only what its groups ask (steps 8 and 9).
 if spec.serves:
@@ -55,8 +70,13 @@ if spec.serves:
     if not stack.gpu or stack.ready:
         service.run(spec, unit, [binary, key, *([fetched] if fetched else [])])
 
-    # 8a. The exporters, when the inventory has a `monitoring` group.
-    monitoring.exporters(spec)
+# Every host waits here until the served hosts are brought up: the monitoring and gateway
+# hosts read the API keys that step 7 may just have generated.
+preflight.join(name="Served hosts brought up (every host waits here)")
+
+# 8a. The exporters, when the inventory has a `monitoring` group: on served hosts, and on
+#     gateway hosts (their certificate's end date) whether they serve or not.
+monitoring.exporters(spec)
 
 # 8. Monitoring: on the `monitoring` hosts, Prometheus scraping every llama-server of the
 #    inventory.

@@ -29,8 +29,9 @@ from pathlib import Path
 from llamahost import build as builds
 from llamahost import inventory as inv
 from llamahost import lock as locks
+from llamahost.fleet import inventory_specs
 from llamahost.plan import plan_for, render
-from llamahost.spec import HostSpec, inventory_specs, lock_file
+from llamahost.spec import HostSpec, lock_file
 
 
 def specs(inventory: str, use_lock: bool = True) -> tuple[list[HostSpec], list[str]]:

@@ -113,6 +113,10 @@ REFUSED_FLAGS = {
     "--props": "POST /props would change the served settings behind the deploy's back",
     "--embedding": "this toolkit serves the chat model; embeddings stay off",
     "--embeddings": "this toolkit serves the chat model; embeddings stay off",
+    "--slot-save-path": (
+        "it turns on POST /slots/:id save and restore, which writes and reads files on the "
+        "host for any holder of its key; slot caches stay off"
+    ),
     **dict.fromkeys(
         [
             "--tools",

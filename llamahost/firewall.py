@@ -30,7 +30,9 @@ class Allow:
     clients: tuple[str, ...]  # the hosts they belong to, for the file's comments
 
 
-def _sources(served: str, group: str, clients: Sequence[HostSpec]) -> tuple[list[str], ...]:
+def _sources(
+    group: str, clients: Sequence[HostSpec]
+) -> tuple[list[str], list[str], list[FieldError]]:
     v4: list[str] = []
     v6: list[str] = []
     errors = []
@@ -49,16 +51,16 @@ def _sources(served: str, group: str, clients: Sequence[HostSpec]) -> tuple[list
             )
             continue
         (v4 if ip.version == 4 else v6).append(str(ip))
-    if errors:
-        raise ConfigError(served, errors)
-    return sorted(set(v4)), sorted(set(v6))
+    return v4, v6, errors
 
 
 def allows(
     spec: HostSpec, gateways: Sequence[HostSpec], monitors: Sequence[HostSpec]
 ) -> list[Allow]:
     """What the firewall of served host ``spec`` lets in; ConfigError naming ``spec``'s host
-    when it cannot be said."""
+    when it cannot be said. The llama port is opened to the gateways and, when the inventory
+    has a `monitoring` group, to its hosts too: Prometheus scrapes llama-server's /metrics on
+    that port. The exporter ports only to the monitoring hosts."""
     if not gateways:
         raise ConfigError(
             spec.name,
@@ -66,22 +68,39 @@ def allows(
                 FieldError(
                     PREFIX + "firewall",
                     True,
-                    "needs a `gateway` group: the llama port is opened to the gateway hosts only, "
-                    "and with none no client could reach llama-server",
+                    "needs a `gateway` group: the llama port is opened to the gateway hosts "
+                    "(and the `monitoring` hosts) only, and with no gateway no client could "
+                    "reach llama-server",
                 )
             ],
         )
-    v4, v6 = _sources(spec.name, "gateway", gateways)
-    names = tuple(g.name for g in gateways)
-    out = [Allow("llama-server", (spec.profile.port,), tuple(v4), tuple(v6), names)]
+    scrapers = monitors if spec.monitored else []
+    gv4, gv6, errors = _sources("gateway", gateways)
+    mv4, mv6, mon_errors = _sources("monitoring", scrapers)
+    if errors or mon_errors:
+        raise ConfigError(spec.name, errors + mon_errors)
+    names = tuple(dict.fromkeys([*(g.name for g in gateways), *(m.name for m in scrapers)]))
+    llama = Allow(
+        "llama-server",
+        (spec.profile.port,),
+        tuple(sorted(set(gv4 + mv4))),
+        tuple(sorted(set(gv6 + mv6))),
+        names,
+    )
+    out = [llama]
     if spec.monitored:
         mon = spec.monitoring
         ports = [mon.monitoring_node_exporter_port]
         if spec.uses_gpu:
             ports.append(mon.monitoring_gpu_exporter_port)
-        v4, v6 = _sources(spec.name, "monitoring", monitors)
         out.append(
-            Allow("exporters", tuple(ports), tuple(v4), tuple(v6), tuple(m.name for m in monitors))
+            Allow(
+                "exporters",
+                tuple(ports),
+                tuple(sorted(set(mv4))),
+                tuple(sorted(set(mv6))),
+                tuple(m.name for m in scrapers),
+            )
         )
     return out
 

@@ -125,6 +125,11 @@ GATEWAY_PEM = f"{GATEWAY_DIR}/tls.pem"  # certificate chain and key
 GATEWAY_CLIENTS_MAP = f"{GATEWAY_DIR}/client-keys.map"  # client key -> client name
 GATEWAY_BACKEND_KEYS_MAP = f"{GATEWAY_DIR}/backend-keys.map"  # server -> its API key
 GATEWAY_STAGED_CONFIG = f"{GATEWAY_DIR}/haproxy.cfg.staged"
+# The per-host proxies' sockets: bound before HAProxy enters its chroot (the full path),
+# connected to from inside it (the path in the chroot). haproxy:haproxy 0700.
+HAPROXY_CHROOT = "/var/lib/haproxy"
+GATEWAY_SOCKETS_IN_CHROOT = "/llamahost"
+GATEWAY_SOCKETS_DIR = HAPROXY_CHROOT + GATEWAY_SOCKETS_IN_CHROOT
 # The served hosts' firewall (llama_firewall): an nftables table of the toolkit's own, loaded
 # by a unit of its own (Debian's nftables.service would flush every other table).
 FIREWALL_UNIT = "llamahost-firewall.service"
@@ -135,3 +140,17 @@ FIREWALL_STAGED = f"{FIREWALL_DIR}/firewall.nft.staged"
 # A restart the deploy owes llama-server (its inputs changed, the restart has not yet run):
 # kept until it succeeds, so a rollout stopped midway resumes on the next run.
 RESTART_PENDING = "/var/lib/llamahost/llama-server.restart-pending"
+# On a gateway: one empty file per server the deploy has drained and not yet put back, so
+# that a run that died midway is repaired by the next (tasks/gateway.repair_left_drained).
+GATEWAY_DRAINED_DIR = "/var/lib/llamahost/drained"
+# A new TLS certificate and key (supplied or self-signed): written here first, checked with
+# `haproxy -c` against the gateway's configuration pointing at it (the check configuration
+# below), and only then renamed over GATEWAY_PEM. Same directory, so the rename is atomic.
+GATEWAY_STAGED_PEM = f"{GATEWAY_DIR}/tls.pem.staged"
+GATEWAY_PEM_CHECK_CONFIG = f"{GATEWAY_DIR}/haproxy.cfg.tls-check"
+# The gateway certificate's expiry for the node exporter (monitored inventories): a script
+# run by a timer on the gateway writes the textfile.
+TLS_EXPIRY_SCRIPT = f"{BIN_DIR}/llamahost-tls-expiry"
+TLS_EXPIRY_TEXTFILE = f"{TEXTFILE_DIR}/llamahost-tls.prom"
+TLS_EXPIRY_UNIT = "llamahost-tls-expiry.service"
+TLS_EXPIRY_TIMER = "llamahost-tls-expiry.timer"

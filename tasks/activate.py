@@ -122,12 +122,21 @@ def activate(
     return Activation(started, restarts)
 
 
-def checked_put(what: str, text: str, *, staged: str, live: str, check: str) -> OperationMeta:
+def checked_put(
+    what: str,
+    text: str,
+    *,
+    staged: str,
+    live: str,
+    check: str,
+    when: Callable[[], bool] | None = None,
+) -> OperationMeta:
     """A configuration file put in place only once its program accepts it: ``text`` is
     uploaded to ``staged``, ``check`` (a command with ``{}`` for the staged path, e.g.
     ``haproxy -c -q -f {}``) must pass, and only then is it installed at ``live`` (0644,
     a rename). A refused file leaves the live one and its service alone; a later run checks
-    again (also when the staged file is unchanged but the live one differs)."""
+    again (also when the staged file is unchanged but the live one differs). ``when``: a
+    condition, known as the run executes, without which nothing is put in place."""
     up = files.put(name=f"Stage {what}", src=StringIO(text), dest=staged, mode="0644")
     live_sha = host.get_fact(Sha256File, path=live)
     same = live_sha is not None and live_sha == host.get_fact(Sha256File, path=staged)
@@ -136,5 +145,5 @@ def checked_put(what: str, text: str, *, staged: str, live: str, check: str) -> 
     return server.shell(
         name=f"Check {what} ({check.split(' {}')[0]}) and put it in place",
         commands=[f"{check.format(s)} && install -m 0644 {s} {lv}.new && mv -f {lv}.new {lv}"],
-        _if=up.did_change if same else None,
+        _if=lambda: (up.did_change() or not same) and (when is None or when()),
     )

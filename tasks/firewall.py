@@ -1,7 +1,9 @@
 """The served host's firewall, when ``llama_firewall`` is on (docs/gateway.md#exposure):
 nftables from the distribution, a table of the toolkit's own (``inet llamahost``) that lets
-the llama port be opened only by the `gateway` hosts and the exporter ports only by the
-`monitoring` hosts, loaded at boot by a unit of its own.
+the llama port be opened only by the `gateway` and `monitoring` hosts (Prometheus scrapes
+llama-server's /metrics there) and the exporter ports only by the `monitoring` hosts, loaded
+at boot by a unit of its own. What it cannot say (no gateway, a gateway known by name) is
+refused by the inventory's validation (llamahost.fleet), as `plan` refuses it.
 
 The rules are staged, checked with ``nft -c``, and only then put in place and loaded (one
 transaction replaces the table). Turned off again, the unit is stopped (which deletes the

@@ -46,7 +46,7 @@ from llamahost.checks import ConfigError
 from llamahost.distro import Distribution, Unsupported, cuda_repo_arch
 from llamahost.gpu import Reboot
 from llamahost.spec import HostSpec
-from tasks import facts
+from tasks import facts, rolling
 from tasks.facts import (
     DriverPackageStates,
     LoadedKernelModules,
@@ -144,7 +144,7 @@ def install(
     driver = driver_packages(plan)
     # No CUDA toolkit here: step 4 installs it only where llama.cpp is compiled, and only
     # the CUDA runtime and cuBLAS where a built tree is received.
-    ready = persistence_and_verify(found, plan, decision, driver, dropin, blacklist)
+    ready = persistence_and_verify(spec, found, plan, decision, driver, dropin, blacklist)
     return GpuResult(
         gpu=True,
         cmake_args=gpu.cuda_cmake_args(archs, conf.cuda_version),
@@ -275,6 +275,7 @@ def driver_packages(plan: gpu.DriverPlan) -> OperationMeta:
 
 
 def persistence_and_verify(
+    spec: HostSpec,
     found: gpu.Probe,
     plan: gpu.DriverPlan,
     decision: gpu.Reboot,
@@ -284,7 +285,15 @@ def persistence_and_verify(
 ) -> bool:
     """Reboot when decided, then persistence mode on and checked. Returns whether the GPUs
     serve by the end of the run."""
-    if decision.will:
+    if decision.will and rolling.gateways():
+        # Behind gateways, the reboot is drained first, a few hosts at a time.
+        rolling.reboot(
+            spec,
+            "; ".join(decision.reasons),
+            reboot_timeout=REBOOT_TIMEOUT,
+            max_unavailable=rolling.max_unavailable(),
+        )
+    elif decision.will:
         server.reboot(
             name="Reboot into the NVIDIA driver: " + "; ".join(decision.reasons),
             reboot_timeout=REBOOT_TIMEOUT,

@@ -1,8 +1,10 @@
 """Monitoring: exporters on every served host, Prometheus on the hosts of group `monitoring`.
 
 Nothing here does anything unless the inventory has a `monitoring` group. Then:
-- every host (each serves a llama-server) gets Debian's node exporter, with a textfile that
-  names the filesystem holding its models, and GPU hosts the pinned nvidia_gpu_exporter;
+- every served host gets Debian's node exporter, with a textfile that names the filesystem
+  holding its models, and GPU hosts the pinned nvidia_gpu_exporter;
+- every gateway host (serving or not) gets the node exporter too, with a textfile of its TLS
+  certificate's end date that a timer refreshes every hour (and the deploy at each change);
 - each host of the group gets Debian's Prometheus, its configuration rendered from the whole
   inventory (a host removed from the inventory leaves the targets on the next run), checked
   with promtool before it is put in place and reloaded only when it changed, and each served
@@ -25,7 +27,7 @@ from pyinfra.api.operation import OperationMeta
 from pyinfra.api.state import State
 from pyinfra.context import host, inventory, state
 from pyinfra.facts.files import Directory, File, FindFiles, Sha256File
-from pyinfra.operations import apt, files, python, server
+from pyinfra.operations import apt, files, python, server, systemd
 
 from llamahost import layout, render
 from llamahost.checks import ConfigError
@@ -36,7 +38,7 @@ from llamahost.spec import HostSpec
 from tasks import secret
 from tasks.activate import activate
 from tasks.facts import KeyDigest, MountPoint
-from tasks.preflight import refuse, served_specs
+from tasks.preflight import inventory_specs_or_refuse, refuse, served_specs
 
 
 def enabled() -> bool:
@@ -56,12 +58,68 @@ def _apt(name: str, packages: list[str]) -> OperationMeta:
 
 # ---------------------------------------------------------------- served hosts
 def exporters(spec: HostSpec) -> None:
-    """On every host: the node exporter, and the GPU exporter on GPU hosts."""
-    if not enabled():
+    """On every served host: the node exporter, and the GPU exporter on GPU hosts; on every
+    gateway host the node exporter and its certificate's end date."""
+    if not enabled() or not (spec.serves or spec.is_gateway):
         return
     _node_exporter(spec)
-    if spec.uses_gpu:
+    if spec.serves and spec.uses_gpu:
         _gpu_exporter(ex.gpu_exporter(spec.monitoring), spec.monitoring)
+    if spec.is_gateway:
+        _tls_expiry()
+
+
+def refresh_tls_expiry(certificate: OperationMeta) -> None:
+    """On a gateway of a monitored inventory: the textfile follows a new certificate at
+    once, not at the next hourly run of the timer."""
+    if not enabled():
+        return
+    server.shell(
+        name="Export the new certificate's end date",
+        commands=[f"systemctl start {layout.TLS_EXPIRY_UNIT}"],
+        _if=certificate.did_change,
+    )
+
+
+def _tls_expiry() -> None:
+    files.directory(name="Toolkit scripts directory", path=layout.BIN_DIR, mode="0755")
+    service, timer = ex.tls_expiry_units(layout.TLS_EXPIRY_SCRIPT, layout.TEXTFILE_DIR)
+    changed = [
+        files.put(
+            name="Script that exports the gateway certificate's end date",
+            src=StringIO(ex.tls_expiry_script(layout.GATEWAY_PEM, layout.TLS_EXPIRY_TEXTFILE)),
+            dest=layout.TLS_EXPIRY_SCRIPT,
+            mode="0755",
+        ),
+        files.put(
+            name=f"Render {layout.TLS_EXPIRY_UNIT}",
+            src=StringIO(service),
+            dest=f"{layout.SYSTEMD_DIR}/{layout.TLS_EXPIRY_UNIT}",
+            mode="0644",
+        ),
+        files.put(
+            name=f"Render {layout.TLS_EXPIRY_TIMER}",
+            src=StringIO(timer),
+            dest=f"{layout.SYSTEMD_DIR}/{layout.TLS_EXPIRY_TIMER}",
+            mode="0644",
+        ),
+    ]
+    systemd.daemon_reload(
+        name="Reload systemd units", _if=lambda: any(op.did_change() for op in changed[1:])
+    )
+    systemd.service(
+        name=f"Enable and start {layout.TLS_EXPIRY_TIMER}",
+        service=layout.TLS_EXPIRY_TIMER,
+        running=True,
+        enabled=True,
+    )
+    # The first value now (before the gateway step, the certificate may not exist yet:
+    # then no series, and that step's change exports it).
+    server.shell(
+        name="Export the gateway certificate's end date",
+        commands=[f"systemctl start {layout.TLS_EXPIRY_UNIT}"],
+        _if=lambda: any(op.did_change() for op in changed),
+    )
 
 
 def _default_args(name: str, path: str, args: str) -> OperationMeta:
@@ -78,14 +136,15 @@ def _node_exporter(spec: HostSpec) -> None:
     )
     pkg = _apt("Install the node exporter", ["prometheus-node-exporter"])
     files.directory(name="Node exporter textfile directory", path=layout.TEXTFILE_DIR, mode="0755")
-    model_dir = spec.cfg.model_dir
-    mount = host.get_fact(MountPoint, path=model_dir)
-    files.put(
-        name="Name the model filesystem for the alerts",
-        src=StringIO(ex.model_filesystem_textfile(model_dir, mount)),
-        dest=layout.MODEL_FS_TEXTFILE,
-        mode="0644",
-    )
+    if spec.serves:
+        model_dir = spec.cfg.model_dir
+        mount = host.get_fact(MountPoint, path=model_dir)
+        files.put(
+            name="Name the model filesystem for the alerts",
+            src=StringIO(ex.model_filesystem_textfile(model_dir, mount)),
+            dest=layout.MODEL_FS_TEXTFILE,
+            mode="0644",
+        )
     activate(
         layout.NODE_EXPORTER, restart_on=[settings], why="its settings changed", installed_by=[pkg]
     )
@@ -142,6 +201,7 @@ def prometheus(spec: HostSpec) -> None:
     served = served_specs()
     try:
         targets = scrape.targets(host.name, [scrape.served_host(s) for s in served])
+        nodes = scrape.gateway_node_targets(host.name, inventory_specs_or_refuse())
     except ConfigError as e:
         raise refuse(str(e)) from None
     mon = spec.monitoring
@@ -150,7 +210,7 @@ def prometheus(spec: HostSpec) -> None:
     )
     pkg = _apt("Install Prometheus", ["prometheus"])
     _credentials(targets, {s.name: s for s in served})
-    installed = _configuration(mon, targets)
+    installed = _configuration(mon, targets, nodes)
     activate(
         layout.PROMETHEUS,
         restart_on=[settings],
@@ -247,7 +307,9 @@ def _copy_key(state: State, host: Host, served_name: str, src: str, dest: str) -
     )
 
 
-def _configuration(mon: MonitoringConfig, targets: list[scrape.Target]) -> OperationMeta:
+def _configuration(
+    mon: MonitoringConfig, targets: list[scrape.Target], nodes: list[scrape.NodeTarget]
+) -> OperationMeta:
     """Stage the configuration and rules, check them with promtool, then put them in place.
 
     The live configuration names its rules by a relative path, so the check of the staged
@@ -261,7 +323,7 @@ def _configuration(mon: MonitoringConfig, targets: list[scrape.Target]) -> Opera
     staged = [
         files.put(
             name="Stage the Prometheus configuration",
-            src=StringIO(scrape.prometheus_yml(host.name, mon, targets)),
+            src=StringIO(scrape.prometheus_yml(host.name, mon, targets, nodes)),
             dest=staged_config,
             mode="0644",
         ),

@@ -4,17 +4,21 @@ pyinfra runs deploy.py for every host before it executes anything, so an error r
 here stops the whole run with no host changed.
 """
 
+from collections.abc import Generator
+
 from pyinfra import logger
 from pyinfra.api.exceptions import PyinfraError
+from pyinfra.api.operation import operation
 from pyinfra.context import host
 from pyinfra.facts.files import Directory, File
 
 from llamahost import distro, layout
 from llamahost.checks import ConfigError
+from llamahost.fleet import inventory_specs
 from llamahost.gateway.settings import GROUP as GATEWAY
 from llamahost.monitoring.settings import GROUP
 from llamahost.plan import check_gpu_memory, plan_for, render
-from llamahost.spec import HostSpec, inventory_specs, resolve_host
+from llamahost.spec import HostSpec, resolve_host
 from tasks.facts import OnlineCpus, OsRelease
 
 
@@ -38,7 +42,8 @@ def validated_spec() -> HostSpec:
 
 
 def inventory_specs_or_refuse() -> list[HostSpec]:
-    """Every host of the inventory, as the deploy sees it; any invalid one stops the run."""
+    """Every host of the inventory, as the deploy and `plan` see it (the checks across
+    hosts included); any invalid one stops the run."""
     specs, errors = inventory_specs([(h.name, h.data.dict(), h.groups) for h in host.inventory])
     if errors:
         raise refuse("\n".join(str(e) for e in errors))
@@ -52,8 +57,11 @@ def served_specs() -> list[HostSpec]:
 
 
 def host_spec() -> HostSpec:
-    """The host's spec, planned: a bad value or a plan that does not fit stops the run."""
+    """The host's spec, planned: a bad value, a check across hosts that fails (the same as
+    `plan`'s: a firewall with no gateway, a drain shorter than the gateways' server timeout)
+    or a plan that does not fit stops the run."""
     spec = validated_spec()
+    inventory_specs_or_refuse()
     if not spec.serves:  # nothing to plan: no model, no llama-server
         return spec
     hp = plan_for(spec)
@@ -126,3 +134,14 @@ def cpu_count() -> int:
     if not cpus:
         raise refuse(f"host {host.name!r}: could not read the number of online CPUs")
     return int(cpus)
+
+
+@operation()
+def join() -> Generator[str, None, None]:
+    """An operation every host runs, which changes nothing: pyinfra orders operations by
+    merging each host's own sequence, so an operation only a monitoring or gateway host
+    runs is not ordered after the served hosts' bring-up unless every host shares one
+    operation between them (as tasks/llama_cpp.py's join orders the pushes after the
+    fetch). Call it at one line of deploy.py that every host reaches."""
+    host.noop("every host has reached this point")
+    yield from ()

@@ -1,46 +1,121 @@
-"""Restarts no client notices: llama-server behind the fleet's gateways (docs/gateway.md).
+"""Disruption no client notices: llama-server behind the fleet's gateways (docs/gateway.md).
 
-llama-server cannot drain (on SIGTERM it ends the requests it holds), so when the deploy
-must restart it (its unit, binary, model or key changed) and the inventory has gateways,
-the restart goes: drain this host on every gateway (HAProxy's runtime API on its local
-admin socket), wait until no request is in flight on it (bounded), restart, which waits for
-``/health`` 200 (the unit's ExecStartPost), set it ready again and wait until the gateways
-see it up. pyinfra runs this operation ``rolling_max_unavailable`` hosts at a time.
+llama-server cannot drain (on SIGTERM it ends the requests it holds), so whatever takes a
+served host out (a restart because its unit, binary, model or key changed; a reboot into a
+new driver) goes through one gate, ``drained()``:
 
-A host that does not come back stays out of rotation and stops the rollout: the hosts after
-it are not restarted and keep serving their running configuration. The restart the deploy
-owes is recorded on the host (layout.RESTART_PENDING) until it succeeds, so the next run
-resumes the rollout even though the files it changed are already in place.
+1. every gateway answers its runtime API (else nothing is drained: the rollout stops);
+2. the bound: at most ``llama_rolling_max_unavailable`` servers out of rotation at once,
+   counting those any gateway already sees out (DOWN, MAINT, DRAIN) and those this run
+   took out; the host waits for room (bounded) or the rollout stops with the reason;
+3. drained on every gateway (a marker on the gateway records it, so a run that dies is
+   repaired by the next: tasks/gateway.repair_left_drained), its requests in flight
+   finish (bounded by the drain timeout); a gateway whose answer is unknown is "not
+   drained": the host is put back and the rollout stops, never restarted with requests on;
+4. the disruptive action (restart, which waits for ``/health`` 200 in the unit's
+   ExecStartPost; or reboot and wait);
+5. the gateways follow the host as it now is (its API key in the keys map, its address
+   and port, its slots as maxconn: runtime API and the map file the next reload reads),
+   and so do the monitoring hosts (Prometheus's credentials file, read at every scrape);
+6. ready on every gateway, and seen UP on every gateway before the next host goes out.
+   A host that does not come back stops the rollout: the hosts after it are not touched
+   and keep serving their running configuration.
+
+A failure after the drain puts the host back to ready on the gateways that drained it.
+The restart the deploy owes is recorded on the host (layout.RESTART_PENDING) until it
+succeeds, so the next run resumes the rollout even though the files it changed are in place.
 """
 
 from __future__ import annotations
 
 import shlex
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from pyinfra import logger
+import gevent.lock  # type: ignore[import-untyped]  # pyinfra runs hosts as greenlets
+from pyinfra import context, logger
 from pyinfra.api.command import StringCommand
+from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.host import Host
 from pyinfra.api.operation import OperationMeta
 from pyinfra.api.state import State
-from pyinfra.context import host, inventory
+from pyinfra.context import host
 from pyinfra.facts.files import File
 from pyinfra.operations import files, python
 
 from llamahost import layout
 from llamahost.gateway import haproxy as hx
 from llamahost.gateway.settings import GROUP
+from llamahost.monitoring import scrape
+from llamahost.monitoring.settings import GROUP as MONITORING_GROUP
 from llamahost.spec import HostSpec
 from tasks import secret
+from tasks.preflight import served_specs
 
-# The first host of this run whose restart failed, per run: the hosts after it wait.
+# Per run (keyed by the state): the first host whose change failed (the hosts after it
+# wait), and the servers this run has out of rotation now.
 _stopped: dict[int, str] = {}
+_ours: dict[int, set[str]] = {}
+# One writer of a gateway's keys map at a time (hosts of one batch run concurrently).
+_map_locks: dict[str, gevent.lock.Semaphore] = {}
+
 READY_WAIT_S = 60  # after /health 200, how long the gateways may take to see it up
+UNKNOWN_GRACE_S = 30  # how long a drained gateway may not answer before the host goes back
+ROOM_WAIT_S = 180  # how long a host waits for servers already out to come back
 
 
 def gateways() -> list[str]:
-    return [h.name for h in inventory.get_group(GROUP, [])]
+    return [h.name for h in context.state.inventory.get_group(GROUP, [])]
+
+
+def monitoring_hosts() -> list[str]:
+    return [h.name for h in context.state.inventory.get_group(MONITORING_GROUP, [])]
+
+
+def max_unavailable() -> int:
+    """The fleet's bound: the smallest any served host asks for."""
+    return min((s.gateway.rolling_max_unavailable for s in served_specs()), default=1)
+
+
+def stopped(state: State) -> str | None:
+    """The host at which this run's rollout stopped, if it did."""
+    return _stopped.get(id(state))
+
+
+def refuse_unbounded() -> None:
+    """``--no-wait`` runs every host's operations at once and ignores ``_parallel``: with
+    gateways that would drain and restart every host together. Refused before any change."""
+    if gateways() and "--no-wait" in sys.argv:
+        raise PyinfraError(
+            "--no-wait is refused with a `gateway` group: it runs every host's operations at "
+            "once, so every served host would be drained and restarted together "
+            "(llama_rolling_max_unavailable could not hold); run without it"
+        )
+
+
+@dataclass(frozen=True)
+class Follow:
+    """What the gateways and monitoring hosts must learn about a host while it is out."""
+
+    server: str  # its HAProxy server name
+    backends: dict[str, hx.Server]  # gateway → the host as that gateway reaches it
+    key_file: str  # its API key file on the host (read after the change)
+    supplied_key: secret.Secret | None  # or the key the inventory supplies
+    monitoring: dict[str, str]  # monitoring host → its credentials file for this host
+
+
+def follow_of(spec: HostSpec) -> Follow:
+    """Planned on the served host: how each gateway reaches it, and where each monitoring
+    host keeps its key."""
+    return Follow(
+        server=hx.server_name(spec.name),
+        backends={g: hx.servers(g, [spec])[0] for g in gateways()},
+        key_file=spec.cfg.api_key_file,
+        supplied_key=None if spec.cfg.api_key is None else secret.Secret(spec.cfg.api_key),
+        monitoring={m: scrape.key_file(spec.name) for m in monitoring_hosts()},
+    )
 
 
 def restart(
@@ -65,11 +140,14 @@ def restart(
         _if=lambda: changed() and not started.did_change(),
     )
     python.call(
-        name="Restart llama-server through the gateways (drain, restart, ready)",
-        function=_drained_restart,
-        server=hx.server_name(spec.name),
+        name="Restart llama-server through the gateways (drain, restart, follow, ready)",
+        function=drained,
+        action=_restart,
+        what="restart",
+        follow=follow_of(spec),
         gateway_names=gateways(),
         drain_timeout=spec.gateway.rolling_drain_timeout,
+        max_unavailable=max_unavailable,
         _if=lambda: (changed() or owed) and not started.did_change(),
         _parallel=max_unavailable,
     )
@@ -81,78 +159,365 @@ def restart(
     )
 
 
-def _run(state: State, target: Host, command: str) -> tuple[bool, str]:
-    if not target.connected:
-        target.connect(reason="to drain a served host", raise_exceptions=True)
-    ok, out = target.run_shell_command(
-        StringCommand(command),
-        print_output=False,
-        print_input=state.print_input,
-        **secret.connector_args(state, target),
-    )
+# ---------------------------------------------------------------- connections
+def run(state: State, target: Host, command: str, stdin: str | None = None) -> tuple[bool, str]:
+    """A command on another host of the inventory, output off; (False, why) when that
+    host cannot be reached."""
+    try:
+        if not target.connected:
+            target.connect(reason="to drain a served host", raise_exceptions=True)
+        extra = {"_stdin": stdin, "_get_pty": False} if stdin is not None else {}
+        ok, out = target.run_shell_command(
+            StringCommand(command),
+            print_output=False,
+            print_input=state.print_input,  # the command, which holds no secret
+            **{**secret.connector_args(state, target), **extra},
+        )
+    except Exception as e:  # unreachable: every kind of connection failure is an answer
+        return False, f"{target.name} cannot be reached ({type(e).__name__}: {e})"
     return ok, "\n".join(out.stdout_lines + out.stderr_lines)
 
 
-def _api(state: State, gateway: Host, command: str) -> tuple[bool, str]:
+def api(state: State, gateway: Host, command: str) -> tuple[bool, str]:
+    """One runtime API command, as standard input (a key in it is on no command line)."""
     sock = f"unix-connect:{layout.HAPROXY_ADMIN_SOCKET}"
-    return _run(state, gateway, f"echo {shlex.quote(command)} | socat -t 5 stdio {sock}")
+    return run(state, gateway, f"socat -t 5 stdio {sock}", stdin=command + "\n")
 
 
-def _stats(state: State, gateway: Host) -> dict[str, hx.ServerStat]:
-    ok, out = _api(state, gateway, hx.SHOW_STAT)
-    return hx.server_stats(out) if ok else {}
+NOT_SET_UP = "# not set up as a gateway yet"
 
 
-def _drained_restart(
-    state: State, host: Host, server: str, gateway_names: list[str], drain_timeout: int
+def _stats(state: State, gateway: Host) -> dict[str, hx.ServerStat] | None:
+    """The gateway's servers, or None when its answer is unknown (never "no servers"). A
+    gateway host the toolkit has not set up yet (this run's step 9 will) has none."""
+    sock = f"unix-connect:{layout.HAPROXY_ADMIN_SOCKET}"
+    ok, out = run(
+        state,
+        gateway,
+        f"if [ ! -d {layout.GATEWAY_DIR} ]; then echo {shlex.quote(NOT_SET_UP)}; exit 0; fi; "
+        f"socat -t 5 stdio {sock}",
+        stdin=hx.SHOW_STAT + "\n",
+    )
+    if not ok:
+        return None
+    if out.startswith(NOT_SET_UP):
+        return {}
+    try:
+        return hx.server_stats(out)
+    except ValueError:
+        return None
+
+
+def marker(server: str) -> str:
+    return f"{layout.GATEWAY_DRAINED_DIR}/{server}"
+
+
+# ---------------------------------------------------------------- the gate
+def drained(
+    state: State,
+    host: Host,
+    action: Callable[[State, Host], tuple[bool, str]],
+    what: str,
+    follow: Follow,
+    gateway_names: list[str],
+    drain_timeout: int,
+    max_unavailable: int,
 ) -> bool:
+    """Take ``host`` out of every gateway's rotation, run ``action`` (the restart or the
+    reboot), let the gateways and monitoring hosts follow it, and put it back."""
     say = f"[{host.name}]"
-    if id(state) in _stopped:
+    run = id(state)
+    server = follow.server
+
+    def stop(why: str) -> bool:
+        _stopped.setdefault(run, host.name)
+        logger.error(f"{say} {why}; the rollout stops here")
+        return False
+
+    if run in _stopped:
         logger.error(
-            f"{say} not restarted: the rollout stopped at {_stopped[id(state)]}, which did not "
-            "come back; this host keeps serving its running configuration"
+            f"{say} not {what}ed: the rollout stopped at {_stopped[run]}; this host keeps "
+            "serving its running configuration"
         )
         return False
     gws = [state.inventory.get_host(n) for n in gateway_names]
-    # 1. Out of rotation on every gateway that has it.
-    drained = []
+
+    # 1. Every gateway answers; 2. room under the bound (waiting for servers already out).
+    deadline = time.monotonic() + ROOM_WAIT_S
+    ours = _ours.setdefault(run, set())
+    while True:
+        views: dict[str, dict[str, hx.ServerStat]] = {}
+        for gw in gws:
+            view = _stats(state, gw)
+            if view is None:
+                return stop(
+                    f"not {what}ed: gateway {gw.name} does not answer its runtime API, so it "
+                    "cannot be drained there (nothing was drained)"
+                )
+            views[gw.name] = view
+        room, out = hx.may_go_out(server, views, ours, max_unavailable)
+        if room:
+            break
+        if time.monotonic() > deadline:
+            return stop(
+                f"not {what}ed: {', '.join(out)} out of rotation for {ROOM_WAIT_S} s and "
+                f"llama_rolling_max_unavailable is {max_unavailable}"
+            )
+        time.sleep(1)
+    ours.add(server)
+    try:
+        return _out_and_back(state, host, action, what, follow, gws, views, drain_timeout, stop)
+    finally:
+        ours.discard(server)
+
+
+def _out_and_back(
+    state: State,
+    host: Host,
+    action: Callable[[State, Host], tuple[bool, str]],
+    what: str,
+    follow: Follow,
+    gws: list[Host],
+    views: dict[str, dict[str, hx.ServerStat]],
+    drain_timeout: int,
+    stop: Callable[[str], bool],
+) -> bool:
+    say = f"[{host.name}]"
+    server = follow.server
+    # A gateway that does not list the server yet (a host new to the inventory) gets it
+    # with its next reload, at its current address.
+    having = [gw for gw in gws if server in views[gw.name]]
     for gw in gws:
-        ok, out = _api(state, gw, hx.set_state(server, "drain"))
-        if ok and out.strip() == "":
-            drained.append(gw)
-        else:
-            logger.info(f"{say} not in rotation on {gw.name} ({out.strip() or 'no answer'})")
-    # 2. Its requests in flight finish (bounded).
+        if gw not in having:
+            logger.info(f"{say} not yet a server of {gw.name} (added by its next reload)")
+
+    def put_back(on: list[Host]) -> None:
+        for gw in on:
+            ok, out = api(state, gw, hx.set_state(server, "ready"))
+            if ok and not out.strip():
+                run(state, gw, f"rm -f {shlex.quote(marker(server))}")
+            else:
+                logger.error(f"{say} could not be put back to ready on {gw.name}: {out.strip()}")
+
+    # 3. Out of rotation on every gateway that has it; a marker first, so a run that dies
+    #    here is repaired by the next.
+    out_on: list[Host] = []
+    for gw in having:
+        mark = f"mkdir -p {layout.GATEWAY_DRAINED_DIR} && touch {shlex.quote(marker(server))}"
+        ok_mark, why_mark = run(state, gw, mark)
+        ok, out = api(state, gw, hx.set_state(server, "drain")) if ok_mark else (False, "")
+        if not ok or out.strip():
+            put_back(out_on)
+            return stop(
+                f"not {what}ed: gateway {gw.name} does not answer its runtime API "
+                f"({(out or why_mark).strip() or 'no answer'}), so it could not be drained "
+                "there; put back where it was drained"
+            )
+        out_on.append(gw)
     t0 = time.monotonic()
-    while drained:
-        busy = {gw.name: _stats(state, gw).get(server) for gw in drained}
-        left = sum(s.in_flight for s in busy.values() if s is not None)
-        if left == 0:
-            break
-        if time.monotonic() - t0 > drain_timeout:
-            logger.warning(f"{say} still {left} requests in flight after {drain_timeout} s")
+    answered = t0  # the last time every gateway answered
+    while out_on:
+        views = {gw.name: v for gw in out_on if (v := _stats(state, gw)) is not None}
+        unknown = [gw.name for gw in out_on if gw.name not in views]
+        left = sum(s.in_flight for v in views.values() if (s := v.get(server)) is not None)
+        if not unknown:
+            answered = time.monotonic()
+            if left == 0:
+                break
+        elif time.monotonic() - answered > min(UNKNOWN_GRACE_S, drain_timeout):
+            put_back(out_on)
+            return stop(
+                f"not {what}ed: gateway {', '.join(unknown)} does not answer its runtime API "
+                f"(for {min(UNKNOWN_GRACE_S, drain_timeout)} s), so whether its requests "
+                "finished there is unknown; put back where it was drained"
+            )
+        if not unknown and time.monotonic() - t0 > drain_timeout:
+            logger.warning(
+                f"{say} still {left} requests in flight after the drain timeout "
+                f"({drain_timeout} s): they are cut"
+            )
             break
         time.sleep(0.5)
-    logger.info(f"{say} drained on {len(drained)} gateways in {time.monotonic() - t0:.1f} s")
-    # 3. Restart; the unit's ExecStartPost waits for /health 200.
-    ok, _ = _run(state, host, f"systemctl restart {layout.UNIT}")
+    logger.info(f"{say} drained on {len(out_on)} gateways in {time.monotonic() - t0:.1f} s")
+
+    # 4. The change itself.
+    ok, why = action(state, host)
     if not ok:
-        _stopped.setdefault(id(state), host.name)
-        _, journal = _run(state, host, f"journalctl -u {layout.UNIT} -n 25 --no-pager -o cat")
-        logger.error(
-            f"{say} llama-server did not come back; it stays out of rotation and the rollout "
-            f"stops here. Its journal:\n{journal}"
+        return stop(
+            f"did not come back after its {what}; it stays out of rotation (the next run "
+            f"puts it back first). {why}"
         )
-        return False
-    # 4. Back in rotation, and seen up before the next host goes out.
-    for gw in drained:
-        _api(state, gw, hx.set_state(server, "ready"))
+
+    # 5. The gateways and monitoring hosts follow the host as it now is.
+    followed, why = _follow(state, host, follow, out_on)
+    if why:
+        # The gateways that have followed can talk to it: it serves through them. The
+        # others keep it drained (and their marker): the next run puts it back there first.
+        put_back(followed)
+        where = ", ".join(gw.name for gw in followed) or "no gateway"
+        return stop(f"{what}ed, but {why}; back in rotation on {where} only")
+
+    # 6. Back in rotation, and seen up on every gateway before the next host goes out.
+    for gw in out_on:
+        ok, out = api(state, gw, hx.set_state(server, "ready"))
+        if not ok or out.strip():
+            return stop(f"{what}ed, but {gw.name} refused to set it ready ({out.strip()})")
     deadline = time.monotonic() + READY_WAIT_S
-    while drained and time.monotonic() < deadline:
-        up = [_stats(state, gw).get(server) for gw in drained]
-        if all(s is not None and s.status.startswith("UP") for s in up):
+    while True:
+        down = []
+        for gw in out_on:
+            view = _stats(state, gw)
+            seen = view.get(server) if view is not None else None
+            if seen is None or not seen.status.startswith("UP"):
+                down.append(gw.name)
+        if not down:
             break
+        if time.monotonic() > deadline:
+            return stop(
+                f"{what}ed and set ready, but not UP on {', '.join(down)} within "
+                f"{READY_WAIT_S} s (health check failing: the gateway cannot reach it)"
+            )
         time.sleep(0.5)
-    _run(state, host, f"rm -f {layout.RESTART_PENDING}")
-    logger.info(f"{say} restarted and back in rotation")
+    for gw in out_on:
+        run(state, gw, f"rm -f {shlex.quote(marker(server))}")
+    logger.info(f"{say} {what}ed and back in rotation")
     return True
+
+
+def _follow(state: State, host: Host, f: Follow, out_on: list[Host]) -> tuple[list[Host], str]:
+    """The host's key, address and slots, as each gateway (runtime API and keys map file)
+    and each monitoring host (credentials file) must now know them. Returns the gateways
+    that have followed, and why the others have not ("" when all have)."""
+    followed: list[Host] = []
+    if f.supplied_key is not None:
+        key = f.supplied_key.reveal().strip()
+    else:
+        try:
+            key = secret.read_api_key(state, host.name, f.key_file)
+        except PyinfraError as e:
+            return followed, str(e)
+    # Prometheus first: it scrapes the host directly, drained or not.
+    for name, path in f.monitoring.items():
+        mon = state.inventory.get_host(name)
+        there, _ = run(state, mon, f"test -d {shlex.quote(layout.parent(path))}")
+        if not there:
+            continue  # Prometheus not set up there yet: this run's step 8 copies the key
+        ok = secret.write(
+            state, mon, path, secret.Secret(key), user="root", group="prometheus", mode="0640"
+        )
+        if not ok:
+            return followed, f"its key could not be written for Prometheus on {name}"
+    for gw in out_on:
+        s = f.backends[gw.name]
+        for command in hx.follow(s, key):
+            ok, out = api(state, gw, command)
+            shown = command if command.startswith("set server") else " ".join(command.split()[:3])
+            if not ok:
+                return followed, (
+                    f"gateway {gw.name} does not answer its runtime API ({out.strip()}), so it "
+                    f"cannot follow the host ({shown})"
+                )
+            if hx.api_refused(out):
+                return followed, f"gateway {gw.name} refused {shown!r}: {out.strip()}"
+        ok, why = _write_map_entry(state, gw, f.server, key)
+        if not ok:
+            return followed, why
+        followed.append(gw)
+    return followed, ""
+
+
+def _write_map_entry(state: State, gw: Host, server: str, key: str) -> tuple[bool, str]:
+    """The keys map file on the gateway with ``server``'s entry set, for the next reload."""
+    lock = _map_locks.setdefault(gw.name, gevent.lock.Semaphore())
+    with lock:
+        ok, text = run(state, gw, f"cat -- {layout.GATEWAY_BACKEND_KEYS_MAP}")
+        entries = hx.parse_backend_keys(text) if ok else {}
+        if entries.get(server) == key:
+            return True, ""
+        entries[server] = key
+        ok = secret.write(
+            state,
+            gw,
+            layout.GATEWAY_BACKEND_KEYS_MAP,
+            secret.Secret(hx.backend_keys_text(entries)),
+            user="root",
+            group="haproxy",
+            mode="0640",
+        )
+    return ok, "" if ok else f"the keys map could not be written on {gw.name}"
+
+
+# ---------------------------------------------------------------- actions
+def _restart(state: State, host: Host) -> tuple[bool, str]:
+    """Restart llama-server; the unit's ExecStartPost waits for /health 200."""
+    ok, _ = run(state, host, f"systemctl restart {layout.UNIT}")
+    if ok:
+        run(state, host, f"rm -f {layout.RESTART_PENDING}")
+        return True, ""
+    _, journal = run(state, host, f"journalctl -u {layout.UNIT} -n 25 --no-pager -o cat")
+    return False, f"Its journal:\n{journal}"
+
+
+REBOOT_DELAY_S = 10  # before the first reconnection attempt
+
+
+def reboot(spec: HostSpec, reasons: str, reboot_timeout: int, max_unavailable: int) -> None:
+    """A reboot through the same gate as a restart: drained on every gateway first, at
+    most ``max_unavailable`` hosts out at once (counting those already out), back in
+    rotation once llama-server answers again."""
+    python.call(
+        name=f"Reboot into the NVIDIA driver, drained on the gateways: {reasons}",
+        function=drained,
+        action=lambda state, host: _reboot(state, host, reboot_timeout),
+        what="reboot",
+        follow=follow_of(spec),
+        gateway_names=gateways(),
+        drain_timeout=spec.gateway.rolling_drain_timeout,
+        max_unavailable=max_unavailable,
+        _parallel=max_unavailable,
+    )
+
+
+def _uptime(state: State, target: Host) -> float | None:
+    ok, out = run(state, target, "cut -d' ' -f1 /proc/uptime")
+    try:
+        return float(out.split()[0]) if ok else None
+    except (ValueError, IndexError):
+        return None
+
+
+def _reboot(state: State, target: Host, reboot_timeout: int) -> tuple[bool, str]:
+    """As pyinfra's server.reboot (detached reboot, reconnect, uptime lower than before),
+    then llama-server active again (its ExecStartPost waits for /health 200)."""
+    from pyinfra.connectors.util import clear_askpass_cache, remove_any_sudo_askpass_file
+
+    remove_any_sudo_askpass_file(target)
+    before = _uptime(state, target)
+    if before is None:
+        return False, "its uptime could not be read before the reboot"
+    run(state, target, "( sleep 1 && reboot ) </dev/null >/dev/null 2>&1 &")
+    time.sleep(REBOOT_DELAY_S)
+    clear_askpass_cache(target)
+    target.disconnect()
+    deadline = time.monotonic() + reboot_timeout
+    while True:
+        target.connect(show_errors=False)
+        if target.connected:
+            now = _uptime(state, target)
+            if now is not None and now < before + REBOOT_DELAY_S:
+                break
+        if time.monotonic() > deadline:
+            return False, f"it did not come back within {reboot_timeout} s of the reboot"
+        time.sleep(1)
+    clear_askpass_cache(target)
+    unit = shlex.quote(layout.UNIT)
+    wait = (
+        f"systemctl is-enabled --quiet {unit} || exit 0; "
+        f"for i in $(seq {reboot_timeout}); do systemctl is-active --quiet {unit} && exit 0; "
+        f"sleep 1; done; exit 1"
+    )
+    ok, _ = run(state, target, wait)
+    if not ok:
+        _, journal = run(state, target, f"journalctl -u {unit} -b -n 25 --no-pager -o cat")
+        return False, f"llama-server is not active after the reboot. Its journal:\n{journal}"
+    return True, ""

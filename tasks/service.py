@@ -10,7 +10,7 @@ from pyinfra.operations import files, server, systemd
 from llamahost import layout, render
 from llamahost.config import HostConfig
 from llamahost.spec import HostSpec
-from tasks import preflight, rolling, secret
+from tasks import rolling, secret
 from tasks.activate import activate
 
 
@@ -99,10 +99,6 @@ def run(spec: HostSpec, unit_op: OperationMeta, restart_when: list[OperationMeta
         return
     systemd.daemon_reload(name="Reload systemd units", _if=unit_op.did_change)
     started = activate(layout.UNIT, clear_failed=True).started
-    fleet = preflight.served_specs()
     rolling.restart(
-        spec,
-        [unit_op, *restart_when],
-        started,
-        max_unavailable=min(s.gateway.rolling_max_unavailable for s in fleet),
+        spec, [unit_op, *restart_when], started, max_unavailable=rolling.max_unavailable()
     )

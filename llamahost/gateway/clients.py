@@ -1,7 +1,9 @@
 """Client keys: the gateway's own list, one per client or team, read from a controller file.
 
 Format: one ``NAME KEY`` per line; blank lines and ``#`` comments ignored. Names label the
-client in HAProxy's logs and rate limits; keys are what clients send as bearer tokens.
+client in HAProxy's logs and rate limits; keys are what clients send as bearer tokens. A
+name may be listed twice: the overlap window of a key rotation (old and new key both valid,
+one client, one rate limit), closed by removing the old line (docs/operations.md).
 Nothing here ever puts a key in an exception message.
 """
 
@@ -17,6 +19,7 @@ from llamahost.secret import Secret
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # The shape llamahost.config accepts for an API key: safe in an HAProxy map file.
 KEY = re.compile(API_KEY_RE)
+MAX_KEYS_PER_CLIENT = 2  # its key and, while it rotates, the next one
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class ClientKey:
 def parse_client_keys(text: str) -> list[ClientKey]:
     """The clients of a keys file; Invalid names the line, never the key."""
     clients: list[ClientKey] = []
-    names: set[str] = set()
+    names: list[str] = []
     keys: set[str] = set()
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -49,11 +52,15 @@ def parse_client_keys(text: str) -> list[ClientKey]:
             raise Invalid(f"line {n}: the client name must be 1-64 of A-Z a-z 0-9 . _ -")
         if not KEY.fullmatch(key):
             raise Invalid(f"line {n} ({name}): the key must be 16-256 of A-Z a-z 0-9 . _ ~ + / = -")
-        if name in names:
-            raise Invalid(f"line {n}: client {name!r} is listed twice")
+        if names.count(name) == MAX_KEYS_PER_CLIENT:
+            raise Invalid(
+                f"line {n}: client {name!r} is listed {MAX_KEYS_PER_CLIENT + 1} times; a "
+                f"client has at most {MAX_KEYS_PER_CLIENT} keys (its old and its new one "
+                "while it rotates)"
+            )
         if key in keys:
             raise Invalid(f"line {n} ({name}): the same key is given to another client")
-        names.add(name)
+        names.append(name)
         keys.add(key)
         clients.append(ClientKey(name, Secret(key)))
     if not clients:

@@ -5,7 +5,8 @@ One frontend terminates TLS, admits clients by their own key (a map file: key â†
 name), limits each client's request rate, and hands requests to backend ``llama``: one
 server per served host, least connections, ``maxconn`` = that host's ``--parallel``, so
 excess requests wait in HAProxy's bounded queue instead of in one llama-server's unbounded
-one. Each of those servers is a small internal proxy (an abstract socket) that sets the
+one. Each of those servers is a small internal proxy (a unix socket in a directory only
+HAProxy's user can enter) that sets the
 chosen host's own API key (a second map: server â†’ key), so no client ever holds a host key
 and no key is in the configuration, on a command line or in a diff.
 """
@@ -13,6 +14,7 @@ and no key is in the configuration, on a command line or in a diff.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from llamahost import layout, render
 from llamahost.addresses import hostport, reach
 from llamahost.checks import PREFIX, ConfigError, FieldError
-from llamahost.gateway.settings import RETRY_AFTER_S, GatewayConfig
+from llamahost.gateway.settings import API_PATHS, HEALTH_PATHS, RETRY_AFTER_S, GatewayConfig
 from llamahost.spec import HostSpec
 
 BACKEND = "llama"  # the backend every served host is a server of
@@ -79,17 +81,59 @@ def servers(gateway: str, served: Iterable[HostSpec]) -> list[Server]:
     return out
 
 
+@dataclass(frozen=True)
+class HaproxyError:
+    """An error HAProxy itself answers, as JSON in the OpenAI error shape."""
+
+    code: int
+    kind: str  # the OpenAI error's type
+    message: str
+    retry: bool = False  # with Retry-After: a retry may succeed
+
+
+# Every status HAProxy may answer by itself (http-error accepts these), so that no client
+# ever gets its HTML pages. 502 and 504 carry no Retry-After: the request itself may be
+# why (a server that crashed on it, a generation longer than the timeout).
+HAPROXY_ERRORS = (
+    HaproxyError(400, "invalid_request_error", "Bad request"),
+    HaproxyError(403, "permission_error", "Forbidden"),
+    HaproxyError(408, "timeout_error", "Request not received in time"),
+    HaproxyError(413, "invalid_request_error", "Request body too large"),
+    HaproxyError(500, "server_error", "Internal error in the gateway"),
+    HaproxyError(501, "invalid_request_error", "Not implemented"),
+    HaproxyError(502, "server_error", "The host ended the request without an answer"),
+    HaproxyError(503, "unavailable_error", "No host can take the request now; retry later", True),
+    HaproxyError(504, "timeout_error", "The host did not answer in time"),
+)
+
+
+def api_paths(gw: GatewayConfig) -> dict[str, list[str]]:
+    """The API's paths by the one method each takes (GET admits HEAD too)."""
+    out: dict[str, list[str]] = {}
+    for path, method in API_PATHS:
+        out.setdefault(method, []).append(path)
+    return out
+
+
 def haproxy_cfg(gateway: str, gw: GatewayConfig, backends: list[Server]) -> str:
     """/etc/haproxy/haproxy.cfg of a gateway host."""
     return render.template(
         "gateway/haproxy.cfg.j2",
         host=gateway,
         gw=gw,
+        errors=HAPROXY_ERRORS,
+        api_paths=api_paths(gw),
+        allow={"GET": "GET, HEAD", "POST": "POST"},
+        extra_paths=list(gw.gateway_extra_paths),
+        health_paths=list(HEALTH_PATHS),
         bind=hostport(gw.gateway_listen, gw.gateway_port),
         servers=backends,
         backend=BACKEND,
         retry_after=RETRY_AFTER_S,
         admin_socket=layout.HAPROXY_ADMIN_SOCKET,
+        chroot=layout.HAPROXY_CHROOT,
+        sockets_dir=layout.GATEWAY_SOCKETS_DIR,
+        sockets_in_chroot=layout.GATEWAY_SOCKETS_IN_CHROOT,
         pem=layout.GATEWAY_PEM,
         clients_map=layout.GATEWAY_CLIENTS_MAP,
         backend_keys_map=layout.GATEWAY_BACKEND_KEYS_MAP,
@@ -107,6 +151,81 @@ def set_state(server: str, state: str) -> str:
 
 
 SHOW_STAT = "show stat"
+
+
+def inner_proxy(server: str) -> str:
+    """The per-host proxy whose one server is the host's llama-server (haproxy.cfg.j2)."""
+    return f"llamahost-{server}"
+
+
+def set_key(server: str, key: str, keys_map: str = layout.GATEWAY_BACKEND_KEYS_MAP) -> str:
+    """The runtime API command that gives ``server`` its host's API key in the backend keys
+    map (the map the per-host proxy reads for every request). Sent as standard input, never
+    on a command line."""
+    if not _SERVER_NAME.fullmatch(server):
+        raise ValueError(server)
+    if not re.fullmatch(r"[A-Za-z0-9._~+/=-]+", key):
+        raise ValueError("an API key holds no space, quote or control character")
+    return f"set map {keys_map} {server} {key}"
+
+
+def set_address(server: str, address: str) -> str:
+    """The runtime API command that points the per-host proxy of ``server`` at
+    ``address`` (host:port, from the gateway): ``addr`` for an IP, ``fqdn`` for a name
+    (resolved by the configuration's resolvers)."""
+    if not _SERVER_NAME.fullmatch(server):
+        raise ValueError(server)
+    host_part, _, port = address.rpartition(":")
+    host_part = host_part.strip("[]")
+    if not port.isdigit() or not re.fullmatch(r"[A-Za-z0-9.:_-]+", host_part):
+        raise ValueError(address)
+    where = f"{inner_proxy(server)}/{server}"
+    try:
+        ipaddress.ip_address(host_part)
+    except ValueError:
+        return f"set server {where} fqdn {host_part}"  # the port stays the configured one
+    return f"set server {where} addr {host_part} port {port}"
+
+
+def set_maxconn(server: str, maxconn: int) -> str:
+    if not _SERVER_NAME.fullmatch(server) or maxconn < 1:
+        raise ValueError((server, maxconn))
+    return f"set maxconn server {BACKEND}/{server} {maxconn}"
+
+
+def follow(s: Server, key: str, keys_map: str = layout.GATEWAY_BACKEND_KEYS_MAP) -> list[str]:
+    """What a gateway must learn while ``s``'s host is drained for a restart, so that the
+    host is set ready only once the gateway can talk to it: its key, address and slots."""
+    return [
+        set_key(s.name, key, keys_map),
+        set_address(s.name, s.address),
+        set_maxconn(s.name, s.maxconn),
+    ]
+
+
+def api_refused(answer: str) -> bool:
+    """Whether a runtime API answer to a set command is a refusal: they answer nothing on
+    success (``set server ... addr`` answers a line starting with "IP changed" or "no need
+    to change")."""
+    text = answer.strip()
+    ok_prefixes = ("IP changed", "no need to change", "port changed", "FQDN changed")
+    return bool(text) and not all(
+        line.strip().startswith(ok_prefixes) or not line.strip() for line in text.splitlines()
+    )
+
+
+def backend_keys_text(entries: dict[str, str]) -> str:
+    """The backend keys map file: ``server key`` lines."""
+    return "".join(f"{name} {key}\n" for name, key in entries.items())
+
+
+def parse_backend_keys(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            out[parts[0]] = parts[1]
+    return out
 
 
 def serves_config_check(backends: list[Server], socket: str, wait_s: int = 30) -> str:
@@ -160,3 +279,20 @@ def server_stats(show_stat: str) -> dict[str, ServerStat]:
 def out_of_rotation(stats: dict[str, ServerStat]) -> list[str]:
     """Servers that take no new request now."""
     return sorted(n for n, s in stats.items() if not s.status.startswith("UP"))
+
+
+def may_go_out(
+    server: str,
+    views: dict[str, dict[str, ServerStat]],
+    ours: set[str],
+    max_unavailable: int,
+) -> tuple[bool, list[str]]:
+    """Whether ``server`` may be taken out of rotation now without more than
+    ``max_unavailable`` servers out at once, counting the servers any gateway sees out
+    (DOWN, MAINT, DRAIN, ...) and those this run has taken out (``ours``). Returns the
+    decision and the servers counted as out."""
+    out = set(ours)
+    for stats in views.values():
+        out |= set(out_of_rotation(stats))
+    out.discard(server)
+    return len(out) < max_unavailable, sorted(out)

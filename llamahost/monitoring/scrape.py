@@ -104,9 +104,38 @@ def targets(monitoring_host: str, served: Iterable[ServedHost]) -> list[Target]:
     return out
 
 
+@dataclass(frozen=True)
+class NodeTarget:
+    """A node exporter with no llama-server beside it: a gateway host that serves nothing
+    (its certificate's end date, alert GatewayCertificateExpiresSoon)."""
+
+    host: str  # inventory name: the `host` label
+    node: str  # host:port of the node exporter
+
+
+def gateway_node_targets(monitoring_host: str, gateways: Iterable[HostSpec]) -> list[NodeTarget]:
+    """The node exporters of the gateway hosts that serve nothing (a gateway that serves is
+    one of ``targets`` already), in inventory order."""
+    out = []
+    for g in gateways:
+        if not g.is_gateway or g.serves:
+            continue
+        mon = g.monitoring
+        exp = reach(monitoring_host, g.name, g.address, mon.monitoring_exporter_host,
+                    "the exporters", PREFIX + "monitoring_exporter_host")  # fmt: skip
+        out.append(NodeTarget(host=g.name, node=hostport(exp, mon.monitoring_node_exporter_port)))
+    return out
+
+
 # ---------------------------------------------------------------- Prometheus's files
-def prometheus_yml(monitoring_host: str, mon: MonitoringConfig, scrape: list[Target]) -> str:
-    """The Prometheus configuration of a monitoring host."""
+def prometheus_yml(
+    monitoring_host: str,
+    mon: MonitoringConfig,
+    scrape: list[Target],
+    nodes: Iterable[NodeTarget] = (),
+) -> str:
+    """The Prometheus configuration of a monitoring host; ``nodes``: node exporters with no
+    llama-server (gateways that serve nothing), in job ``node`` with the others."""
     return render.template(
         "monitoring/prometheus.yml.j2",
         host=monitoring_host,
@@ -116,6 +145,7 @@ def prometheus_yml(monitoring_host: str, mon: MonitoringConfig, scrape: list[Tar
             mon.monitoring_prometheus_port,
         ),
         targets=scrape,
+        nodes=list(nodes),
         rules=layout.RULES_REF,
         llama_job=LLAMA_JOB,
         node_job=NODE_JOB,

@@ -53,6 +53,16 @@ class Run:
     def output(self) -> str:
         return self.stdout + self.stderr
 
+    def why(self) -> str:
+        """What a failed run said about its failure: each error line with the lines after
+        it (the run's tail alone can hide a host that failed early)."""
+        lines = self.output.splitlines()
+        keep: list[str] = []
+        for i, line in enumerate(lines):
+            if "rror" in line or "Traceback" in line or "stops here" in line:
+                keep += lines[i : i + 6]
+        return "\n".join(keep[:120]) + "\n...\n" + self.output[-3000:]
+
     def results(self) -> dict[str, Any]:
         out: dict[str, Any] = json.loads(self.stdout)
         return out

@@ -68,11 +68,14 @@ class Fleet:
         for n in self.hosts:
             testhost.destroy(n)
 
-    def deploy(self, *extra: str, inventory: Path | None = None) -> Run:
-        """A real run of deploy.py over the fleet's inventory (or another one of its hosts)."""
+    def deploy(
+        self, *extra: str, inventory: Path | None = None, deploy_file: str = "deploy.py"
+    ) -> Run:
+        """A real run of deploy.py (or another deploy file) over the fleet's inventory (or
+        another one of its hosts)."""
         inv = inventory or self.inventory
         argv = [sys.executable, "-m", "pyinfra", "-y", "--json", str(inv)]
-        argv += ["deploy.py", *extra]
+        argv += [deploy_file, *extra]
         t0 = time.monotonic()
         p = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=3000)
         return Run(p.returncode, p.stdout, p.stderr, time.monotonic() - t0)

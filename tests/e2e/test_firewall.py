@@ -1,6 +1,8 @@
 """`llama_firewall` for real on a served test host with a network namespace of its own
 (10.203.0.0/24 on a bridge of the test's, this machine at 10.203.0.1): the llama port
-from the gateway host only, the exporter port from the monitoring host only, SSH as
+from the gateway and monitoring hosts only (here one host holds both roles; a separate
+monitoring host is proved with real nft in network namespaces in
+tests/unit/test_firewall.py), the exporter port from the monitoring host only, SSH as
 before; a rerun changes nothing; the rules come back after a reboot; compliance passes,
 fails on a host whose table was deleted, and a rerun repairs it; turned off, it is gone.
 

@@ -69,7 +69,7 @@ def test_rendered_configuration_passes_promtool(promtool: str, tmp_path: Path) -
     config = render(tmp_path, FLEET, "mon-01")
     r = run(promtool, "check", "config", str(config))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 18 rules found" in r.stdout
+    assert "SUCCESS: 19 rules found" in r.stdout
 
 
 def test_promtool_refuses_a_missing_credentials_file(promtool: str, tmp_path: Path) -> None:

@@ -35,19 +35,33 @@ def test_off_unless_asked() -> None:
     assert spec("a", "10.0.0.2").gateway.firewall is False
 
 
-def test_the_llama_port_from_the_gateways_the_exporters_from_monitoring() -> None:
+def test_the_llama_port_from_gateways_and_monitoring_the_exporters_from_monitoring() -> None:
+    """Prometheus on the monitoring hosts scrapes llama-server's /metrics on the llama port:
+    the firewall lets it, or the scrape and the alerts on it would fail."""
     a = spec("a", "10.0.0.2", monitored=True, llama_firewall=True, llama_port=8081)
     gws = [spec("gw", "10.0.0.1"), spec("gw6", "fd00::1")]
     allowed = fw.allows(a, gws, [spec("mon", "10.0.0.9")])
     assert allowed == [
-        fw.Allow("llama-server", (8081,), ("10.0.0.1",), ("fd00::1",), ("gw", "gw6")),
+        fw.Allow(
+            "llama-server", (8081,), ("10.0.0.1", "10.0.0.9"), ("fd00::1",), ("gw", "gw6", "mon")
+        ),
         fw.Allow("exporters", (9100,), ("10.0.0.9",), (), ("mon",)),
     ]
     text = fw.rules("a", allowed)
-    assert "tcp dport { 8081 } ip saddr { 10.0.0.1 } accept" in text
+    assert "# llama-server: from gw, gw6, mon" in text
+    assert "tcp dport { 8081 } ip saddr { 10.0.0.1, 10.0.0.9 } accept" in text
     assert "tcp dport { 8081 } ip6 saddr { fd00::1 } accept" in text
+    assert "tcp dport { 9100 } ip saddr { 10.0.0.9 } accept" in text
     assert "tcp dport { 9100 } counter drop" in text
     assert "dport { 22 }" not in text and "policy accept" in text
+    # A host both gateway and monitoring is listed once; without a `monitoring` group the
+    # llama port is the gateways' alone.
+    both = fw.allows(a, [spec("gm", "10.0.0.1")], [spec("gm", "10.0.0.1")])
+    assert both[0] == fw.Allow("llama-server", (8081,), ("10.0.0.1",), (), ("gm",))
+    alone = spec("a", "10.0.0.2", llama_firewall=True)
+    assert fw.allows(alone, [spec("gw", "10.0.0.1")], []) == [
+        fw.Allow("llama-server", (8080,), ("10.0.0.1",), (), ("gw",))
+    ]
 
 
 def test_no_gateway_or_a_gateway_known_by_name_is_refused() -> None:
@@ -59,6 +73,14 @@ def test_no_gateway_or_a_gateway_known_by_name_is_refused() -> None:
     with pytest.raises(ConfigError) as e:
         fw.allows(a, [spec("gw", "gw.example")], [])
     assert "'gw' is known by the name 'gw.example'" in e.value.errors[0].allowed
+    # Both groups' names are reported at once.
+    watched = spec("a", "10.0.0.2", monitored=True, llama_firewall=True)
+    with pytest.raises(ConfigError) as e:
+        fw.allows(watched, [spec("gw", "gw.example")], [spec("mon", "mon.example")])
+    assert [err.allowed.split(";")[0] for err in e.value.errors] == [
+        "the gateway host 'gw' is known by the name 'gw.example'",
+        "the monitoring host 'mon' is known by the name 'mon.example'",
+    ]
 
 
 def test_the_loaded_rules_read_back_from_nft() -> None:
@@ -88,15 +110,15 @@ def sh(*argv: str) -> str:
 @pytest.fixture
 def namespaces() -> Iterator[dict[str, str]]:
     """Namespaces of the test's own: `srv` (the served host) joined by a veth pair each to
-    `gw` (10.231.1.2 → 10.231.1.1) and `out` (10.231.2.2 → 10.231.2.1); this machine's own
-    network is never touched."""
+    `gw` (10.231.1.2 → 10.231.1.1), `out` (10.231.2.2 → 10.231.2.1) and `mon`
+    (10.231.3.2 → 10.231.3.1); this machine's own network is never touched."""
     tag = uuid.uuid4().hex[:6]
-    ns = {n: f"llh-{n}-{tag}" for n in ("srv", "gw", "out")}
+    ns = {n: f"llh-{n}-{tag}" for n in ("srv", "gw", "out", "mon")}
     try:
         for n in ns.values():
             sh("ip", "netns", "add", n)
             sh("ip", "-n", n, "link", "set", "lo", "up")
-        for i, peer in ((1, "gw"), (2, "out")):
+        for i, peer in ((1, "gw"), (2, "out"), (3, "mon")):
             a, b = f"v{i}s{tag}", f"v{i}p{tag}"
             sh("ip", "link", "add", a, "netns", ns["srv"], "type", "veth", "peer", b,
                "netns", ns[peer])  # fmt: skip
@@ -121,38 +143,42 @@ def connects(ns: str, address: str, port: int) -> bool:
 
 
 @REAL
-def test_the_rules_loaded_by_nft_let_only_the_gateway_in(namespaces: dict[str, str]) -> None:
-    srv = namespaces["srv"]
-    llama, other = 8080, 2222  # `other` stands for SSH: not the toolkit's port
-    a = spec("a", "10.231.1.1", llama_firewall=True, llama_port=llama)
-    allowed = fw.allows(a, [spec("gw", "10.231.1.2")], [])
+def test_the_rules_loaded_by_nft_let_only_gateway_and_monitoring_in(
+    namespaces: dict[str, str],
+) -> None:
+    srv, gw, out, mon = (namespaces[n] for n in ("srv", "gw", "out", "mon"))
+    llama, exporter, other = 8080, 9100, 2222  # `other` stands for SSH: not the toolkit's port
+    a = spec("a", "10.231.1.1", monitored=True, llama_firewall=True, llama_port=llama)
+    allowed = fw.allows(a, [spec("gw", "10.231.1.2")], [spec("mon", "10.231.3.2")])
     text = fw.rules("a", allowed)
     serve = ["ip", "netns", "exec", srv, sys.executable, "-m", "http.server", "--bind", "::"]
     listeners = [
         subprocess.Popen([*serve, str(p)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for p in (llama, other)
+        for p in (llama, exporter, other)
     ]
     try:
         for _ in range(50):
-            if connects(namespaces["gw"], "10.231.1.1", other):
+            if all(connects(gw, "10.231.1.1", p) for p in (llama, exporter, other)):
                 break
             time.sleep(0.1)
-        # Without the rules, everyone reaches both ports: the probe can see a difference.
-        assert connects(namespaces["out"], "10.231.2.1", llama)
+        # Without the rules, everyone reaches every port: the probe can see a difference.
+        assert connects(out, "10.231.2.1", llama) and connects(gw, "10.231.1.1", exporter)
         subprocess.run(["ip", "netns", "exec", srv, "nft", "-f", "-"], input=text, text=True,
                        check=True)  # fmt: skip
-        assert connects(namespaces["gw"], "10.231.1.1", llama)
-        assert not connects(namespaces["out"], "10.231.2.1", llama)
-        assert connects(namespaces["out"], "10.231.2.1", other)  # left alone
+        assert connects(gw, "10.231.1.1", llama)
+        assert connects(mon, "10.231.3.1", llama)  # Prometheus scrapes llama-server there
+        assert not connects(out, "10.231.2.1", llama)
+        assert connects(mon, "10.231.3.1", exporter)
+        assert not connects(gw, "10.231.1.1", exporter)
+        assert not connects(out, "10.231.2.1", exporter)
+        assert connects(out, "10.231.2.1", other)  # left alone
         # Loading it again replaces the table (one transaction), it does not add to it.
         subprocess.run(["ip", "netns", "exec", srv, "nft", "-f", "-"], input=text, text=True,
                        check=True)  # fmt: skip
         listed = json.loads(sh("ip", "netns", "exec", srv, "nft", "-j", "list", "ruleset"))
         rules = [x["rule"] for x in listed["nftables"] if "rule" in x]
-        assert len(rules) == 3 and {r["table"] for r in rules} == {"llamahost"}, rules
-        assert fw.loaded(json.dumps(listed)) == fw.expected(
-            fw.allows(a, [spec("gw", "10.231.1.2")], [])
-        )
+        assert len(rules) == 5 and {r["table"] for r in rules} == {"llamahost"}, rules
+        assert fw.loaded(json.dumps(listed)) == fw.expected(allowed)
     finally:
         for p in listeners:
             p.kill()

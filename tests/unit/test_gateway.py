@@ -21,8 +21,11 @@ import pytest
 import requests
 
 from llamahost.checks import ConfigError, Invalid
+from llamahost.fleet import inventory_specs
 from llamahost.gateway import haproxy as hx
+from llamahost.gateway import settings as gateway_settings
 from llamahost.gateway.clients import client_map, parse_client_keys
+from llamahost.gateway.settings import haproxy_time
 from llamahost.spec import HostSpec, resolve_host
 from tests.support import rotation, sse_backend
 
@@ -108,7 +111,7 @@ def test_a_keys_file_readable_by_others_or_missing_is_refused(keys_file: Path) -
         ("alice\n", "line 1: must be `NAME KEY`"),
         ("al ice key-0123456789abcdef\n", "line 1: must be `NAME KEY`"),
         ("alice short\n", "line 1 (alice): the key must be 16-256"),
-        (f"alice {ALICE}\nalice {BOB}\n", "line 2: client 'alice' is listed twice"),
+        (f"alice {ALICE}\nalice {BOB}\nalice {BOB}x\n", "line 3: client 'alice' is listed 3"),
         (f"alice {ALICE}\nbob {ALICE}\n", "line 2 (bob): the same key"),
         ("# nobody\n", "lists no client"),
     ],
@@ -133,6 +136,67 @@ def test_tls_files_come_in_pairs_and_must_exist(keys_file: Path, tmp_path: Path)
     errors = refused("gw1", both)
     assert "not found on the controller" in errors["llama_gateway_tls_cert"]
     assert "not found on the controller" in errors["llama_gateway_tls_key"]
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("600s", 600), ("10m", 600), ("1h", 3600), ("500ms", 0.5), ("30s", 30)]
+)
+def test_haproxy_times_in_seconds(value: str, seconds: float) -> None:
+    assert haproxy_time(value) == value
+    assert gateway_settings.seconds(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["600", "1d", "s", "1.5s", "", "10 m", "5sm", "٣s"])
+def test_what_is_no_haproxy_time_has_no_seconds(value: str) -> None:
+    with pytest.raises(ValueError, match="not an HAProxy time"):
+        gateway_settings.seconds(value)
+
+
+def _fleet(keys_file: Path, served: dict[str, Any], gw: dict[str, Any]) -> list[ConfigError]:
+    a = {"ssh_hostname": "10.0.0.2", "llama_profile": "cpu-demo", **served}
+    hosts = [("a", a, []), ("gw", gateway_data(keys_file, llama_serve=False, **gw), ["gateway"])]
+    specs, errors = inventory_specs(hosts)
+    assert {s.name for s in specs} | {e.host for e in errors} == {"a", "gw"}
+    return errors
+
+
+def test_the_drain_covers_the_gateways_server_timeout(keys_file: Path) -> None:
+    """A drain shorter than the longest answer a gateway waits for would restart a host
+    under answers in flight: refused, by default they agree."""
+    assert _fleet(keys_file, {}, {}) == []  # 600 and "600s"
+    (e,) = _fleet(keys_file, {"llama_rolling_drain_timeout": 300}, {})
+    assert e.host == "a" and [err.key for err in e.errors] == ["llama_rolling_drain_timeout"]
+    assert str(e.errors[0]).startswith("llama_rolling_drain_timeout = 300: must be at least 600")
+    assert "the gateway 'gw' waits up to llama_gateway_server_timeout = 600s" in str(e)
+    (e,) = _fleet(keys_file, {}, {"llama_gateway_server_timeout": "15m"})
+    assert "must be at least 900 seconds" in str(e)
+    assert _fleet(keys_file, {"llama_rolling_drain_timeout": 900},
+                  {"llama_gateway_server_timeout": "15m"}) == []  # fmt: skip
+    assert _fleet(keys_file, {"llama_rolling_drain_timeout": 1},
+                  {"llama_gateway_server_timeout": "500ms"}) == []  # fmt: skip
+    # Without gateways nothing drains: no check.
+    data = {
+        "ssh_hostname": "10.0.0.2",
+        "llama_profile": "cpu-demo",
+        "llama_rolling_drain_timeout": 1,
+    }
+    alone: list[tuple[str, dict[str, Any], list[str]]] = [("a", data, [])]
+    assert inventory_specs(alone)[1] == []
+
+
+def test_checks_across_hosts_wait_for_the_gateways_own_errors(keys_file: Path) -> None:
+    """A firewall is refused for a gateway known by name; with the gateway itself invalid,
+    only its own errors are reported (no misleading "needs a gateway group")."""
+    (e,) = _fleet(keys_file, {"llama_firewall": True}, {"ssh_hostname": "gw.example"})
+    assert e.host == "a" and "'gw' is known by the name 'gw.example'" in str(e)
+    (e,) = _fleet(keys_file, {"llama_firewall": True}, {"llama_gateway_port": 0})
+    assert e.host == "gw" and "llama_gateway_port" in str(e)
+
+
+def test_a_client_may_hold_two_keys_while_it_rotates() -> None:
+    clients = parse_client_keys(f"alice {ALICE}\nalice {BOB}\n")
+    assert [c.name for c in clients] == ["alice", "alice"]
+    assert client_map(clients).reveal() == f"{ALICE} alice\n{BOB} alice\n"
 
 
 def test_client_keys_parse_and_never_show() -> None:
@@ -161,8 +225,10 @@ def render(keys_file: Path, **gw: Any) -> str:
 def test_every_served_host_is_a_server_with_maxconn_its_slots(keys_file: Path) -> None:
     cfg = render(keys_file)
     assert "balance leastconn" in cfg
-    assert "server a abns@llamahost-a maxconn 2 track llamahost-a/a" in cfg
-    assert "server b.example abns@llamahost-b.example maxconn 4 track" in cfg
+    assert "server a unix@/llamahost/a.sock maxconn 2 track llamahost-a/a" in cfg
+    assert "server b.example unix@/llamahost/b.example.sock maxconn 4 track" in cfg
+    # Bound before the chroot, at the full path, in HAProxy's own directory.
+    assert "bind unix@/var/lib/haproxy/llamahost/a.sock user haproxy group haproxy mode 600" in cfg
     # Each host's health is checked on the host itself, and a refused connection takes it
     # out at once.
     assert "server a 10.0.0.1:8080 check" in cfg and "server b.example 10.0.0.2:8081 check" in cfg
@@ -234,6 +300,11 @@ def local_config(cfg: str, tmp_path: Path, backend_key: str = BOB) -> Path:
                  "/etc/haproxy/llamahost/backend-keys.map", "/run/haproxy/admin.sock"):  # fmt: skip
         cfg = cfg.replace(real, str(tmp_path / Path(real).name))
     cfg = "\n".join(line for line in cfg.splitlines() if line.strip() not in CHROOT_AND_USER)
+    # Without the chroot, the per-host sockets are where they are bound.
+    sockets = tmp_path / "sockets"
+    sockets.mkdir(exist_ok=True)
+    cfg = cfg.replace("/var/lib/haproxy/llamahost/", f"{sockets}/")
+    cfg = cfg.replace("unix@/llamahost/", f"unix@{sockets}/")
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
          "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
@@ -365,7 +436,7 @@ def raw_post(url: str, cafile: str, headers: dict[str, str]) -> int:
         host, int(port), context=ssl.create_default_context(cafile=cafile), timeout=30
     )
     try:
-        conn.putrequest("POST", "/v1/x")
+        conn.putrequest("POST", "/v1/chat/completions")
         conn.putheader("Authorization", f"Bearer {ALICE}")
         for k, v in headers.items():
             conn.putheader(k, v)
@@ -381,7 +452,9 @@ def test_keys_limits_and_bodies_answered_by_the_gateway(live_gateway: str, tmp_p
 
     def post(key: str | None, body: bytes = b"{}") -> requests.Response:
         h = {"Authorization": f"Bearer {key}"} if key else {}
-        return requests.post(live_gateway + "/v1/x", data=body, headers=h, verify=ca, timeout=30)
+        return requests.post(
+            live_gateway + "/v1/chat/completions", data=body, headers=h, verify=ca, timeout=30
+        )
 
     assert post(None).status_code == 401
     assert post("not-a-client-key-0123").status_code == 401
@@ -480,6 +553,69 @@ def test_a_killed_backend_costs_only_its_requests_in_flight(
     assert refused == [], refused
     assert 1 <= len(cut) <= 2, cut  # the killed server's 2 slots
     assert ok[0] > 20
+
+
+def test_every_host_server_resolves_names_and_may_start_unresolved(keys_file: Path) -> None:
+    cfg = render(keys_file)
+    assert "resolvers llamahost\n    parse-resolv-conf\n" in cfg
+    assert cfg.count("resolvers llamahost resolve-prefer ipv4 init-addr last,libc,none") == 2
+    # The servers of the balanced backend are the per-host proxies: nothing to resolve.
+    assert "maxconn 2 track llamahost-a/a\n" in cfg
+
+
+def _show_stat(sock: Path) -> str:
+    """``show stat`` over the admin socket."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(sock))
+        s.sendall(b"show stat\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer.decode()
+
+
+@HAPROXY
+def test_a_host_whose_name_does_not_resolve_is_left_out(keys_file: Path, tmp_path: Path) -> None:
+    """A served host known by a name that does not resolve: HAProxy accepts the
+    configuration, starts, keeps that host out of rotation and serves with the other."""
+    backend = sse_server()
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    port = _free_port()
+    good = spec("a", {"ssh_hostname": "127.0.0.1", "llama_profile": "cpu-demo",
+                      "llama_host": "127.0.0.1", "llama_port": backend.server_port})  # fmt: skip
+    named = spec("b", {"ssh_hostname": "does-not-resolve.invalid", "llama_profile": "cpu-demo"})
+    gw = spec("gw", gateway_data(keys_file, llama_gateway_listen="127.0.0.1",
+                                 llama_gateway_port=port), gateway=True)  # fmt: skip
+    servers = hx.servers("gw", [good, named])
+    assert servers[1].address == "does-not-resolve.invalid:8080"
+    path = local_config(hx.haproxy_cfg("gw", gw.gateway, servers), tmp_path)
+    check = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    proc = subprocess.Popen(["haproxy", "-db", "-f", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    url, ca = f"https://127.0.0.1:{port}", str(tmp_path / "c")
+    try:
+        for _ in range(100):  # listening, and a's first health check passed
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(url + "/health", verify=ca, timeout=2).ok:
+                    break
+            assert proc.poll() is None, "HAProxy did not start"
+            time.sleep(0.1)
+        raw = _show_stat(tmp_path / "admin.sock")
+        (row,) = [r for r in raw.splitlines() if r.startswith("llamahost-b,b,")]
+        assert ",MAINT (resolution)," in row, raw  # b's own proxy: its name did not resolve
+        stats = hx.server_stats(raw)  # the balanced backend, as the deploy reads it
+        assert stats["a"].status == "UP" and stats["b"].status.startswith("MAINT"), stats
+        assert hx.out_of_rotation(stats) == ["b"]
+        for _ in range(3):  # every request is answered, by a
+            arrivals, auth = events(url, ca)
+            assert len(arrivals) == 40 and auth == {f"Bearer {BOB}"}
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        backend.shutdown()
 
 
 # ---------------------------------------------------------------- runtime API

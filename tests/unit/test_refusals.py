@@ -114,3 +114,29 @@ def test_unknown_keys_suggest_only_close_matches() -> None:
         (line,) = _field_lines(message, key)
         assert "did you mean" not in line
         assert "is not a known setting" in line and "README.md, section Variables" in line
+
+
+# ---------------------------------------------------------------- checks across hosts
+FIREWALL_NO_GATEWAY = {"ssh_hostname": "10.0.0.2", "llama_profile": "cpu-demo",
+                       "llama_firewall": True}  # fmt: skip
+
+
+def test_a_firewall_without_gateways_is_refused_by_plan_and_deploy_alike(tmp_path: Path) -> None:
+    """The check reads several hosts (is there a `gateway` group?): `plan` refuses it as the
+    deploy does, at its first step, naming the host, the field and what is allowed."""
+    inv = tmp_path / "fw.py"
+    inv.write_text(f"hosts = [('fw-no-gw', {FIREWALL_NO_GATEWAY!r})]\n")
+    p = subprocess.run([sys.executable, "-m", "llamahost", "plan", str(inv)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "REFUSED host 'fw-no-gw': invalid inventory data" in p.stdout
+    plan_lines = _field_lines(p.stdout, "firewall")
+    assert plan_lines == [
+        "llama_firewall = True: needs a `gateway` group: the llama port is opened to the "
+        "gateway hosts (and the `monitoring` hosts) only, and with no gateway no client could "
+        "reach llama-server"
+    ]
+    deploy_message, state = _preflight("fw-no-gw", FIREWALL_NO_GATEWAY)
+    assert "REFUSED host '@fake/fw-no-gw': invalid inventory data" in deploy_message
+    assert _field_lines(deploy_message, "firewall") == plan_lines
+    assert not state.get_op_order()  # type: ignore[no-untyped-call]

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import openai
 import pytest
@@ -260,30 +260,44 @@ class Load:
             t.join(timeout=180)
 
 
-@dataclass
-class Sampler:
-    """The gateway's view of its servers, sampled from the runtime API."""
+_P = TypeVar("_P", bound="_Poller")
 
-    g: Gateway
-    samples: list[dict[str, hx.ServerStat]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
 
-    def _run(self) -> None:
+class _Poller:
+    """Calls ``poll`` every ``every`` seconds in a thread of its own while the block runs."""
+
+    every = 0.5
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
-            with contextlib.suppress(subprocess.SubprocessError, ValueError):
-                self.samples.append(self.g.stats())
-            time.sleep(0.3)
+            self.poll()
+            time.sleep(self.every)
 
-    def __enter__(self) -> Sampler:
-        self._thread = threading.Thread(target=self._run)
+    def __enter__(self: _P) -> _P:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        assert self._thread is not None
         self._thread.join()
+
+
+@dataclass
+class Sampler(_Poller):
+    """The gateway's view of its servers, sampled from the runtime API."""
+
+    g: Gateway
+    samples: list[dict[str, hx.ServerStat]] = field(default_factory=list)
+    every = 0.3
+
+    def poll(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError, ValueError):
+            self.samples.append(self.g.stats())
 
     def most_out(self) -> int:
         return max((len(hx.out_of_rotation(s)) for s in self.samples), default=0)
@@ -293,33 +307,19 @@ class Sampler:
 
 
 @dataclass
-class Scrapes:
+class Scrapes(_Poller):
     """Prometheus's view of the llama-server targets, sampled: every scrape error seen."""
 
     g: Gateway
     errors: dict[str, set[str]] = field(default_factory=dict)
     samples: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(requests.RequestException, KeyError, ValueError):
-                for host, t in self.g.llama_targets().items():
-                    if t["lastError"]:
-                        self.errors.setdefault(host, set()).add(t["lastError"])
-                self.samples += 1
-            time.sleep(0.5)
-
-    def __enter__(self) -> Scrapes:
-        self._thread = threading.Thread(target=self._run)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join()
+    def poll(self) -> None:
+        with contextlib.suppress(requests.RequestException, KeyError, ValueError):
+            for host, t in self.g.llama_targets().items():
+                if t["lastError"]:
+                    self.errors.setdefault(host, set()).add(t["lastError"])
+            self.samples += 1
 
 
 def invocation(fleet: Fleet, n: str) -> str:

@@ -5,10 +5,16 @@ client in HAProxy's logs and rate limits; keys are what clients send as bearer t
 name may be listed twice: the overlap window of a key rotation (old and new key both valid,
 one client, one rate limit), closed by removing the old line (docs/operations.md).
 Nothing here ever puts a key in an exception message.
+
+On the gateway a key is never kept in clear: the map file holds each key's sha256 (upper-case
+hex, as HAProxy's ``sha2(256),hex`` computes it from the request's header) and the client's
+name. A client key has at least ``MIN_CLIENT_KEY`` characters, so that its hash cannot be
+reversed by trying keys (``openssl rand -base64 32`` makes one of 44).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +26,7 @@ NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # The shape llamahost.config accepts for an API key: safe in an HAProxy map file.
 KEY = re.compile(API_KEY_RE)
 MAX_KEYS_PER_CLIENT = 2  # its key and, while it rotates, the next one
+MIN_CLIENT_KEY = 32  # characters; shorter keys are refused, new or existing
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,11 @@ def parse_client_keys(text: str) -> list[ClientKey]:
             raise Invalid(f"line {n}: the client name must be 1-64 of A-Z a-z 0-9 . _ -")
         if not KEY.fullmatch(key):
             raise Invalid(f"line {n} ({name}): the key must be 16-256 of A-Z a-z 0-9 . _ ~ + / = -")
+        if len(key) < MIN_CLIENT_KEY:
+            raise Invalid(
+                f"line {n} ({name}): a client key must have at least {MIN_CLIENT_KEY} "
+                f"characters (this one has {len(key)}); make one with `openssl rand -base64 32`"
+            )
         if names.count(name) == MAX_KEYS_PER_CLIENT:
             raise Invalid(
                 f"line {n}: client {name!r} is listed {MAX_KEYS_PER_CLIENT + 1} times; a "
@@ -76,6 +88,11 @@ def read_client_keys(path: Path) -> list[ClientKey]:
     return parse_client_keys(text)
 
 
+def digest(key: str) -> str:
+    """A key as the gateway keeps it: sha256, upper-case hex (HAProxy's ``sha2(256),hex``)."""
+    return hashlib.sha256(key.encode()).hexdigest().upper()
+
+
 def client_map(clients: list[ClientKey]) -> Secret:
-    """HAProxy map file: key → client name (the key is the lookup)."""
-    return Secret("".join(f"{c.token()} {c.name}\n" for c in clients))
+    """HAProxy map file: sha256 of the key → client name (the key itself is never there)."""
+    return Secret("".join(f"{digest(c.token())} {c.name}\n" for c in clients))

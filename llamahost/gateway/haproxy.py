@@ -115,6 +115,14 @@ def api_paths(gw: GatewayConfig) -> dict[str, list[str]]:
     return out
 
 
+def max_in_flight(gw: GatewayConfig, backends: list[Server]) -> int:
+    """Requests in flight one client key may have: the setting, or with ``auto`` half the
+    served hosts' slots, rounded up (0: no limit)."""
+    if gw.gateway_max_in_flight == "auto":
+        return max(1, -(-sum(s.maxconn for s in backends) // 2))
+    return int(gw.gateway_max_in_flight)
+
+
 def haproxy_cfg(gateway: str, gw: GatewayConfig, backends: list[Server]) -> str:
     """/etc/haproxy/haproxy.cfg of a gateway host."""
     return render.template(
@@ -128,6 +136,7 @@ def haproxy_cfg(gateway: str, gw: GatewayConfig, backends: list[Server]) -> str:
         health_paths=list(HEALTH_PATHS),
         bind=hostport(gw.gateway_listen, gw.gateway_port),
         servers=backends,
+        max_in_flight=max_in_flight(gw, backends),
         backend=BACKEND,
         retry_after=RETRY_AFTER_S,
         admin_socket=layout.HAPROXY_ADMIN_SOCKET,

@@ -16,6 +16,7 @@ from llamahost.checks import (
     Invalid,
     Setting,
     boolean,
+    choice,
     either,
     integer,
     listen_address,
@@ -150,6 +151,22 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
         "Requests per minute per client key; above it the gateway answers 429. 0: no limit.",
     ),
     Setting(
+        "gateway_max_in_flight",
+        "auto",
+        either(choice("auto"), integer(0, 100_000), "auto, or an integer from 0 to 100000"),
+        "Requests in flight per client key (streams included, whichever host serves them); "
+        "past it the gateway answers 429 with `Retry-After: 1`, so that one key cannot hold "
+        "every slot. `auto`: half the slots of the served hosts (rounded up). 0: no limit.",
+    ),
+    Setting(
+        "gateway_auth_failure_limit",
+        30,
+        integer(0, 1_000_000),
+        "Failed authentications (401) per minute from one client address; past it every "
+        "request from that address gets 429 with `Retry-After: 60` until its rate falls "
+        "under the limit (online key guessing). 0: no limit.",
+    ),
+    Setting(
         "gateway_queue_timeout",
         "30s",
         haproxy_time,
@@ -255,6 +272,8 @@ class GatewayConfig:
     gateway_tls_key: str | None
     gateway_client_keys_file: str | None
     gateway_rate_limit: int
+    gateway_max_in_flight: str | int
+    gateway_auth_failure_limit: int
     gateway_queue_timeout: str
     gateway_server_timeout: str
     gateway_max_body: int
@@ -337,6 +356,15 @@ def cross_checks(gw: GatewayConfig, *, is_gateway: bool) -> list[FieldError]:
                         "llama_gateway_allow_dangerous_paths: true",
                     )
                 )
+    if (gw.gateway_affinity_header or "").lower() == "x-conversation-id":
+        errors.append(
+            FieldError(
+                PREFIX + "gateway_affinity_header",
+                gw.gateway_affinity_header,
+                "the gateway never forwards X-Conversation-Id (it would let one client reach "
+                "another's resumable stream); name another header, e.g. X-Session-Id",
+            )
+        )
     if not is_gateway:
         return errors
     if gw.gateway_tls_cert is not None:

@@ -89,7 +89,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Net]:
     testhost.base_rootfs()
     names = (f"fws{os.getpid()}", f"fwg{os.getpid()}")
     tmp = tmp_path_factory.mktemp("firewall")
-    (tmp / "clients").write_text("ops ops-key-0123456789abcdefghij\n")
+    (tmp / "clients").write_text("ops ops-key-0123456789abcdefghijklmnopqrstuv\n")
     (tmp / "clients").chmod(0o600)
     try:
         with ThreadPoolExecutor(2) as pool:

@@ -31,6 +31,7 @@ import requests
 from llamahost import layout
 from llamahost.bench.run import BENCH_VENV
 from llamahost.gateway import haproxy as hx
+from llamahost.gateway.clients import digest
 from tests.bench import tiny_tokenizer
 from tests.e2e import test_gpu_reboot as gpu_reboot
 from tests.e2e.conftest import Run, free_port, run_compliance
@@ -95,6 +96,8 @@ class Gateway:
             "llama_gateway_client_keys_file": str(self.keys_file),
             "llama_gateway_queue_timeout": f"{QUEUE_TIMEOUT_MS}ms",
             "llama_gateway_rate_limit": 0,
+            # One key fills the fleet in the queue test; the fairness test turns this on.
+            "llama_gateway_max_in_flight": 0,
             **self.data,
         }
         data[self.name].update(gateway | {"llama_gateway_port": self.port})
@@ -400,6 +403,102 @@ def test_clients_need_their_own_key_and_never_a_host_key(gateway: Gateway) -> No
         assert mode == ("750" if path == layout.GATEWAY_DIR else "640"), line
     config = g.fleet.sh(g.name, f"cat {layout.HAPROXY_CONFIG}")
     assert all(k not in config for k in [host_key, *g.clients.values()])
+
+
+def test_no_client_key_is_kept_in_clear_on_a_gateway(gateway: Gateway, tmp_path: Path) -> None:
+    """Every file of both gateway hosts, searched for every client key: none holds one (the
+    map holds their sha256). A client key shorter than 32 characters stops the deploy before
+    any change, naming the field and never the key."""
+    g = gateway
+    patterns = " ".join(f"-e {shlex.quote(k)}" for k in g.clients.values())
+    where = ("grep -rlF --devices=skip --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev "
+             f"{patterns} / || true")  # fmt: skip
+    assert g.fleet.sh(g.name, where).split() == []
+    assert g.second.run(where).stdout.split() == []
+    # The measure finds a key where there is one.
+    g.second.run(f"echo {shlex.quote(g.clients['bob'])} > /root/found-me")
+    assert g.second.run(where).stdout.split() == ["/root/found-me"]
+    g.second.run("rm /root/found-me")
+    kept = g.fleet.sh(g.name, f"cat {layout.GATEWAY_CLIENTS_MAP}")
+    assert f"{digest(g.clients['alice'])} alice" in kept
+    # A short key: refused before any change.
+    short = "only-16-chars-ok"
+    before = g.fleet.sh(g.name, f"stat -c %Y {layout.GATEWAY_CLIENTS_MAP}")
+    good = g.keys_file.read_text()
+    try:
+        g.keys_file.write_text(good + f"carol {short}\n")
+        run = g.deploy()
+    finally:
+        g.keys_file.write_text(good)
+    assert run.rc != 0
+    assert "llama_gateway_client_keys_file" in run.output and "at least 32 characters" in run.output
+    assert short not in run.output and "nothing was changed" in run.output
+    assert g.fleet.sh(g.name, f"stat -c %Y {layout.GATEWAY_CLIENTS_MAP}") == before
+
+
+def _stream_session(g: Gateway, host: str, conv: str) -> int:
+    """The status of a host's own resumable-stream route for ``conv``, asked directly with
+    the host's key: 200 while llama-server keeps such a stream, 404 when it has none."""
+    key = g.fleet.sh(host, "cat /etc/llama-server/api-key").strip()
+    auth = {"Authorization": f"Bearer {key}"}
+    r = requests.get(f"{g.fleet.url(host)}/v1/stream", params={"conv_id": conv},
+                     headers=auth, timeout=30, stream=True)  # fmt: skip
+    r.close()
+    return r.status_code
+
+
+def test_a_stream_belongs_to_its_client(gateway: Gateway) -> None:
+    """llama-server keeps a generation that carries X-Conversation-Id running past its
+    client, and lets anyone naming the id replay or cancel it (a second request with the
+    same id replaces the first's stream). Through the gateway: bob streams with an id,
+    alice names the same id on the stream routes (404) and in her own request (served),
+    bob's stream runs to its end, and no host keeps a stream under that id: the header
+    never reached one. Sent to a host directly, the same header does leave a stream there
+    (the measure can fail)."""
+    g = gateway
+    conv = f"conv-{secrets.token_hex(4)}"
+    headers = {"Authorization": f"Bearer {g.clients['bob']}", "X-Conversation-Id": conv}
+    r = requests.post(
+        f"{g.url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Tell a long story."}],
+              "max_tokens": 1500, "stream": True, "ignore_eos": True},
+        headers=headers, verify=str(g.cafile), stream=True, timeout=120,
+    )  # fmt: skip
+    assert r.status_code == 200
+    lines = r.iter_lines()
+    next(line for line in lines if line.startswith(b"data: {"))
+    alice = {"Authorization": f"Bearer {g.clients['alice']}", "X-Conversation-Id": conv}
+    for method, path in [("GET", f"/v1/stream?conv_id={conv}"),
+                         ("DELETE", f"/v1/stream?conv_id={conv}"),
+                         ("POST", "/v1/streams/lookup")]:  # fmt: skip
+        other = requests.request(method, g.url + path, headers=alice, verify=str(g.cafile),
+                                 json={"conversation_ids": [conv]}, timeout=30)  # fmt: skip
+        assert other.status_code == 404, (method, path, other.status_code)
+    mine = g.client(g.clients["alice"]).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+        extra_headers={"X-Conversation-Id": conv},
+    )  # fmt: skip
+    assert mine.choices[0].finish_reason is not None
+    finish = None
+    for line in lines:
+        if line.startswith(b"data: {"):
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("finish_reason"):
+                finish = chunk["choices"][0]["finish_reason"]
+    assert finish == "length", finish  # bob's stream ran to its end, not cut by alice's
+    assert {n: _stream_session(g, n, conv) for n in g.fleet.hosts} == dict.fromkeys(
+        g.fleet.hosts, 404
+    )
+    # Control: the header sent to a host directly leaves a stream anyone can replay.
+    host = g.name
+    key = g.fleet.sh(host, "cat /etc/llama-server/api-key").strip()
+    direct = f"direct-{conv}"
+    requests.post(
+        f"{g.fleet.url(host)}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True},
+        headers={"Authorization": f"Bearer {key}", "X-Conversation-Id": direct}, timeout=60,
+    ).raise_for_status()  # fmt: skip
+    assert _stream_session(g, host, direct) == 200
 
 
 def test_tls_below_1_2_is_refused(gateway: Gateway) -> None:
@@ -882,6 +981,60 @@ def _ttft(client: openai.OpenAI) -> float:
             if delta is not None and (delta.content or extra.get("reasoning_content")):
                 return time.monotonic() - t0
     raise AssertionError("five answers without any text")
+
+
+def test_one_key_cannot_take_the_fleets_slots(gateway: Gateway) -> None:
+    """Fairness: with `llama_gateway_max_in_flight: auto` (half the fleet's 6 slots), a
+    greedy key sending 3x the fleet's slots at once, again and again (honouring
+    Retry-After), and a polite key sending one request at a time: every polite request is
+    served (a polite request queued past the 100 ms queue timeout would get 503 and fail
+    here) and the greedy key gets 429 past its 3. Without the limit (the queue test above)
+    the same greedy load holds every slot and the queue answers 503. The polite client's
+    time to first token, alone and under the greedy load, is recorded (same run)."""
+    g = gateway
+    polite = g.client(g.clients["bob"])
+    alone = sorted(_ttft(polite) for _ in range(20))
+    g.data["llama_gateway_max_in_flight"] = "auto"
+    g.write()
+    run = g.deploy()
+    assert run.rc == 0, run.why()
+    assert any(op.startswith("Reload haproxy") for op in run.changed_operations())
+    _wait_all_up(g)
+    slots = 2 * len(g.fleet.hosts)
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def greedy() -> None:
+        while not stop.is_set():
+            r = requests.post(
+                f"{g.url}/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "go"}], "max_tokens": 1800,
+                      "ignore_eos": True},
+                headers={"Authorization": f"Bearer {g.clients['alice']}"},
+                verify=str(g.cafile), timeout=600,
+            )  # fmt: skip
+            codes.append(r.status_code)
+            if r.status_code == 429:
+                time.sleep(float(r.headers.get("Retry-After", "1")))
+
+    threads = [threading.Thread(target=greedy) for _ in range(3 * slots)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        under = sorted(_ttft(polite) for _ in range(20))  # raises on any failed request
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=600)
+    p95_alone, p95_under = alone[18], under[18]
+    g.fleet.timings["fair_polite_ttft_p95_alone_s"] = round(p95_alone, 4)
+    g.fleet.timings["fair_polite_ttft_p95_under_greedy_s"] = round(p95_under, 4)
+    g.fleet.timings["fair_polite_ttft_p95_ratio"] = round(p95_under / p95_alone, 2)
+    g.fleet.timings["fair_greedy_200"] = codes.count(200)
+    g.fleet.timings["fair_greedy_429"] = codes.count(429)
+    assert set(codes) <= {200, 429}, sorted(set(codes))
+    assert codes.count(429) > 0 and codes.count(200) > 0, (codes.count(200), codes.count(429))
 
 
 def test_time_to_first_token_through_the_gateway_and_direct(gateway: Gateway) -> None:

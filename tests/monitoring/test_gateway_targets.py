@@ -14,7 +14,7 @@ from tests.monitoring.test_promtool import promtool, render, run  # noqa: F401 (
 
 def _specs(tmp_path: Path) -> list[Any]:
     keys = tmp_path / "clients"
-    keys.write_text("app client-key-0123456789abcdef0123\n")
+    keys.write_text("app client-key-0123456789abcdef0123456789\n")
     keys.chmod(0o600)
     gw = {"ssh_hostname": "10.0.0.1", "llama_serve": False,
           "llama_gateway_client_keys_file": str(keys),

@@ -46,7 +46,7 @@ def plan_certificate(
 ) -> list[tuple[str, list[Any]]]:
     """Each operation of the step with the commands it would run (in order)."""
     keys = tmp_path / "clients"
-    keys.write_text("app client-key-0123456789abcdef0123\n")
+    keys.write_text("app client-key-0123456789abcdef0123456789\n")
     keys.chmod(0o600)
     gw_data = {"fake_responses": responses, "fake_delay": 0, "fake_delay_jitter": 0,
                "ssh_hostname": "10.0.0.1", "llama_serve": False,
@@ -146,7 +146,7 @@ def test_a_gateway_that_serves_nothing_exports_its_certificates_end_date(tmp_pat
     from tasks import monitoring
 
     keys = tmp_path / "clients"
-    keys.write_text("app client-key-0123456789abcdef0123\n")
+    keys.write_text("app client-key-0123456789abcdef0123456789\n")
     keys.chmod(0o600)
     fake = {"fake_delay": 0, "fake_delay_jitter": 0}
     hosts = [

@@ -31,7 +31,7 @@ PLAIN_REBOOT = "Reboot into the NVIDIA driver: "
 def plan_fleet(tmp_path: Path, gateway: bool, **data: Any) -> dict[str, dict[str, Any]]:
     """Each operation's name → the hosts it runs on and its global arguments."""
     keys = tmp_path / "clients"
-    keys.write_text("app client-key-0123456789abcdef0123\n")
+    keys.write_text("app client-key-0123456789abcdef0123456789\n")
     keys.chmod(0o600)
     fake = {"fake_responses": responses(FakeHost(U, driver="current")), "fake_delay": 0,
             "fake_delay_jitter": 0}  # fmt: skip

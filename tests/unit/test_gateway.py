@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import http.server
 import json
@@ -24,15 +25,16 @@ from llamahost.checks import ConfigError, Invalid
 from llamahost.fleet import inventory_specs
 from llamahost.gateway import haproxy as hx
 from llamahost.gateway import settings as gateway_settings
-from llamahost.gateway.clients import client_map, parse_client_keys
+from llamahost.gateway.clients import client_map, digest, parse_client_keys
 from llamahost.gateway.settings import haproxy_time
 from llamahost.spec import HostSpec, resolve_host
 from tests.support import rotation, sse_backend
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[2]
-ALICE = "alice-key-0123456789abcdef"
-BOB = "bob-key-0123456789abcdef01"
+ALICE = "alice-key-0123456789abcdef0123456789"
+BOB = "bob-key-0123456789abcdef0123456789ab"
+CAROL = "carol-key-0123456789abcdef0123456789"  # a second client of the live gateways
 
 
 @pytest.fixture
@@ -196,16 +198,56 @@ def test_checks_across_hosts_wait_for_the_gateways_own_errors(keys_file: Path) -
 def test_a_client_may_hold_two_keys_while_it_rotates() -> None:
     clients = parse_client_keys(f"alice {ALICE}\nalice {BOB}\n")
     assert [c.name for c in clients] == ["alice", "alice"]
-    assert client_map(clients).reveal() == f"{ALICE} alice\n{BOB} alice\n"
+    a, b = (hashlib.sha256(k.encode()).hexdigest().upper() for k in (ALICE, BOB))
+    assert client_map(clients).reveal() == f"{a} alice\n{b} alice\n"
 
 
 def test_client_keys_parse_and_never_show() -> None:
     clients = parse_client_keys(f"alice {ALICE}\nbob {BOB}\n")
     assert [c.name for c in clients] == ["alice", "bob"]
     assert ALICE not in repr(clients) and ALICE not in str(client_map(clients))
-    assert client_map(clients).reveal() == f"{ALICE} alice\n{BOB} bob\n"
+    # On the gateway a key is only its sha256 (HAProxy's sha2(256),hex: upper-case hex).
+    kept = client_map(clients).reveal()
+    assert ALICE not in kept and BOB not in kept
+    assert kept == f"{digest(ALICE)} alice\n{digest(BOB)} bob\n"
+    assert digest("abc") == "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD"
     with pytest.raises(Invalid):
         parse_client_keys("")
+
+
+def test_a_client_key_shorter_than_32_characters_is_refused(keys_file: Path) -> None:
+    short = "sixteen-chars-ok"
+    with pytest.raises(Invalid, match="at least 32 characters \\(this one has 16\\)") as e:
+        parse_client_keys(f"alice {ALICE}\nbob {short}\n")
+    assert short not in str(e.value) and "line 2 (bob)" in str(e.value)
+    keys_file.write_text(f"alice {ALICE}\nbob {short}\n")
+    why = refused("gw1", gateway_data(keys_file))["llama_gateway_client_keys_file"]
+    assert "at least 32 characters" in why and short not in why
+
+
+def test_the_conversation_id_cannot_carry_affinity(keys_file: Path) -> None:
+    why = refused("gw1", gateway_data(keys_file, llama_gateway_affinity_header="x-conversation-id"))
+    assert "never forwards X-Conversation-Id" in why["llama_gateway_affinity_header"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "slots", "limit"),
+    [("auto", [2, 4], 3), ("auto", [1], 1), (5, [2, 4], 5), (0, [2], 0)],
+)
+def test_in_flight_per_key_defaults_to_half_the_slots(
+    keys_file: Path, setting: Any, slots: list[int], limit: int
+) -> None:
+    g = spec("gw", gateway_data(keys_file, llama_gateway_max_in_flight=setting), gateway=True)
+    servers = [hx.Server(f"h{i}", f"h{i}", f"10.0.0.{i}:8080", n) for i, n in enumerate(slots)]
+    assert hx.max_in_flight(g.gateway, servers) == limit
+    cfg = hx.haproxy_cfg("gw", g.gateway, servers)
+    assert ("sc_trackers(0) gt" in cfg) == (limit > 0)
+
+
+@pytest.mark.parametrize("value", ["half", -1, 100_001, True])
+def test_a_bad_in_flight_limit_is_refused(keys_file: Path, value: Any) -> None:
+    why = refused("gw1", gateway_data(keys_file, llama_gateway_max_in_flight=value))
+    assert "auto, or an integer from 0 to 100000" in why["llama_gateway_max_in_flight"]
 
 
 # ---------------------------------------------------------------- configuration
@@ -242,7 +284,9 @@ def test_affinity_hashes_on_the_header(keys_file: Path) -> None:
     cfg = render(keys_file, llama_gateway_affinity_header="X-Session-Id")
     assert "balance hdr(X-Session-Id)\n    hash-type consistent" in cfg
     assert "leastconn" not in cfg
-    assert "track-sc0" not in render(keys_file, llama_gateway_rate_limit=0)
+    off = render(keys_file, llama_gateway_rate_limit=0, llama_gateway_max_in_flight=0)
+    assert "track-sc0" not in off
+    assert "track-sc0" in render(keys_file, llama_gateway_rate_limit=0)  # in flight: auto
 
 
 def test_a_loopback_server_the_gateway_cannot_reach_is_refused(keys_file: Path) -> None:
@@ -312,7 +356,7 @@ def local_config(cfg: str, tmp_path: Path, backend_key: str = BOB) -> Path:
         check=True, capture_output=True,
     )  # fmt: skip
     (tmp_path / "tls.pem").write_text((tmp_path / "c").read_text() + (tmp_path / "k").read_text())
-    clients = parse_client_keys(f"alice {ALICE}")
+    clients = parse_client_keys(f"alice {ALICE}\ncarol {CAROL}")
     (tmp_path / "client-keys.map").write_text(client_map(clients).reveal())
     (tmp_path / "backend-keys.map").write_text(f"a {backend_key}\n")
     (tmp_path / "haproxy.cfg").write_text(cfg + "\n")
@@ -497,8 +541,10 @@ def test_a_killed_backend_costs_only_its_requests_in_flight(
     ports = [_free_port() for _ in range(3)]
     backends = [_backend(p) for p in ports]
     gport = _free_port()
+    # One client fills every slot here: no per-key share (the fairness test has that).
     gw = spec("gw", gateway_data(keys_file, llama_gateway_listen="127.0.0.1",
-                                 llama_gateway_port=gport), gateway=True)  # fmt: skip
+                                 llama_gateway_port=gport, llama_gateway_max_in_flight=0),
+              gateway=True)  # fmt: skip
     servers = [hx.Server(host=f"h{i}", name=f"h{i}", address=f"127.0.0.1:{p}", maxconn=2)
                for i, p in enumerate(ports)]  # fmt: skip
     path = local_config(hx.haproxy_cfg("gw", gw.gateway, servers), tmp_path)

@@ -22,9 +22,11 @@ from typing import Any
 import pytest
 
 from llamahost.gateway import haproxy as hx
+from llamahost.gateway.clients import digest
 from llamahost.gateway.settings import API_PATHS
 from tests.unit.test_gateway import (
     ALICE,
+    CAROL,
     HAPROXY,
     _free_port,
     _show_stat,
@@ -99,6 +101,7 @@ class Backend:
     take ``sleep`` seconds, or to close without answering (``poison``)."""
 
     seen: list[tuple[str, str]] = field(default_factory=list)
+    conversation_ids: list[str | None] = field(default_factory=list)
     in_flight: int = 0
     most: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -115,6 +118,7 @@ class Backend:
                 if self.headers.get("Authorization"):
                     with backend.lock:
                         backend.seen.append((self.command, self.path))
+                        backend.conversation_ids.append(self.headers.get("X-Conversation-Id"))
                         backend.in_flight += 1
                         backend.most = max(backend.most, backend.in_flight)
                 try:
@@ -246,8 +250,9 @@ def _error(body: bytes, code: int, kind: str | None = None) -> dict[str, Any]:
 def test_only_the_api_reaches_a_host(keys_file: Path, tmp_path: Path) -> None:
     """Every llama-server route at the pin outside the API is answered 404 by the gateway
     and never forwarded; the API's paths are, each with its method only (405 otherwise);
-    without a key, any path is 401."""
-    with gateway(keys_file, tmp_path) as g:
+    without a key, any path is 401 (more failures than the default limit per address
+    allows: that limit is tested on its own)."""
+    with gateway(keys_file, tmp_path, llama_gateway_auth_failure_limit=0) as g:
         for method, path in CLOSED:
             status, _, body = g.call(method, path, b"{}" if method != "GET" else None)
             assert status == 404, (method, path, status, body)
@@ -491,3 +496,97 @@ def test_a_hot_session_spills_over(keys_file: Path, tmp_path: Path, factor: int,
                  llama_gateway_hash_balance_factor=factor) as g:  # fmt: skip
         loads = _hot_session(g, 9)
     assert sum(loads) >= 9 and max(loads) <= most and (factor or max(loads) == 9), loads
+
+
+# ---------------------------------------------------------------- keys, fairness, streams
+@HAPROXY
+def test_keys_are_kept_as_their_sha256_and_still_admit(keys_file: Path, tmp_path: Path) -> None:
+    """The clients map the gateway reads holds no key, only its sha256; the key admits,
+    in any case of the scheme, and a key that differs in one character does not."""
+    with gateway(keys_file, tmp_path) as g:
+        kept = (tmp_path / "client-keys.map").read_text()
+        assert ALICE not in kept and f"{digest(ALICE)} alice" in kept
+        assert g.call("GET", "/v1/models")[0] == 200
+        assert g.call("GET", "/v1/models", auth=f"bearer {ALICE}")[0] == 200
+        assert g.call("GET", "/v1/models", auth=f"Bearer {ALICE[:-1]}X")[0] == 401
+        assert g.call("GET", "/v1/models", auth=f"Bearer {digest(ALICE)}")[0] == 401
+
+
+@HAPROXY
+def test_failed_authentications_are_limited_per_address(keys_file: Path, tmp_path: Path) -> None:
+    """Past 5 failures in a minute (the 6th is the one past it) from one address, it gets 429 with
+    Retry-After for every request, a right key included: guessing stops there. With the
+    limit off (0) the same failures stay 401s and the right key is served."""
+    with gateway(keys_file, tmp_path, llama_gateway_auth_failure_limit=5) as g:
+        codes = [g.call("GET", "/v1/models", auth="Bearer " + "x" * 40)[0] for _ in range(8)]
+        assert codes == [401] * 6 + [429] * 2, codes
+        status, headers, body = g.call("GET", "/v1/models")
+        assert status == 429 and headers["retry-after"] == "60", (status, headers)
+        _error(body, 429, "rate_limit_error")
+        assert g.seen() == []
+    (tmp_path / "off").mkdir()
+    with gateway(keys_file, tmp_path / "off", llama_gateway_auth_failure_limit=0) as g:
+        codes = [g.call("GET", "/v1/models", auth="Bearer " + "x" * 40)[0] for _ in range(8)]
+        assert codes == [401] * 8 and g.call("GET", "/v1/models")[0] == 200
+
+
+def _at_once(g: Gw, n: int, key: str, sleep: float) -> list[int]:
+    """``n`` requests of one key at once, each held ``sleep`` s by the host: their statuses."""
+    out: list[int] = []
+    body = json.dumps({"sleep": sleep}).encode()
+
+    def one() -> None:
+        out.append(g.call("POST", "/v1/chat/completions", body, auth=f"Bearer {key}")[0])
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+@HAPROXY
+def test_one_key_cannot_hold_every_slot(keys_file: Path, tmp_path: Path) -> None:
+    """Two hosts of 4 slots: `auto` lets one key have 4 requests in flight. A greedy key
+    sending 12 at once gets 4 served and 8 answered 429 (Retry-After: 1) by the gateway,
+    never queued; meanwhile the other key is served at once; once the greedy requests are
+    done, the greedy key is served again (the count follows requests, not a window)."""
+    with gateway(keys_file, tmp_path, n=2, maxconn=4) as g:
+        greedy: list[int] = []
+        t = threading.Thread(target=lambda: greedy.extend(_at_once(g, 12, ALICE, 1.5)))
+        t.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        assert _at_once(g, 1, CAROL, 0) == [200]
+        polite_s = time.monotonic() - t0
+        t.join()
+        assert sorted(greedy) == [200] * 4 + [429] * 8, greedy
+        assert polite_s < 1.0, polite_s  # not queued behind the greedy key's requests
+        assert max(b.most for b in g.backends) <= 4
+        assert g.call("POST", "/v1/chat/completions", b'{"sleep": 0}')[0] == 200
+        # The 429 itself: JSON, with Retry-After.
+        statuses = []
+
+        def call() -> None:
+            statuses.append(g.call("POST", "/v1/chat/completions", b'{"sleep": 1}'))
+
+        threads = [threading.Thread(target=call) for _ in range(5)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        (denied,) = [r for r in statuses if r[0] == 429]
+        assert denied[1]["retry-after"] == "1"
+        assert "in flight" in _error(denied[2], 429, "rate_limit_error")["message"]
+
+
+@HAPROXY
+def test_a_conversation_id_never_reaches_a_host(keys_file: Path, tmp_path: Path) -> None:
+    """X-Conversation-Id (llama-server's resumable streams: a generation that outlives its
+    client, reachable by anyone naming the id) is removed by the gateway; other headers
+    pass."""
+    with gateway(keys_file, tmp_path) as g:
+        for name in ("X-Conversation-Id", "x-conversation-id"):
+            assert g.call("POST", "/v1/chat/completions", b"{}", {name: "conv-1"})[0] == 200
+        assert g.backends[0].conversation_ids == [None, None]

@@ -187,7 +187,7 @@ def _gateway(keys: Path, cert: Path, key: Path) -> dict[str, Any]:
 @pytest.fixture
 def keys_file(tmp_path: Path) -> Path:
     p = tmp_path / "clients"
-    p.write_text("alice alice-key-0123456789abcdef\n")
+    p.write_text("alice alice-key-0123456789abcdef0123456789\n")
     p.chmod(0o600)
     return p
 

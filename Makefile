@@ -15,7 +15,7 @@ SYSTEM_PACKAGES := debootstrap systemd-container openssh-client curl ca-certific
 BENCH_VENV := .cache/bench-venv
 AIPERF_VERSION := $(shell sed -n 's/^AIPERF_VERSION = "\(.*\)"/\1/p' llamahost/bench/__init__.py)
 
-.PHONY: help sysdeps venv lint unit e2e test demo demo-destroy plan lock test-cuda-build compliance \
+.PHONY: help sysdeps venv lint unit e2e test test-ready testdata demo demo-destroy plan lock test-cuda-build compliance \
 	bench-venv bench
 
 help:
@@ -61,8 +61,17 @@ $(BENCH_VENV)/.installed-$(AIPERF_VERSION): llamahost/bench/__init__.py
 e2e: sysdeps venv bench-venv
 	$(BIN)/pytest -q tests/e2e
 
-test: sysdeps venv bench-venv lint
+# Everything the tests need, prepared in parallel (apt-get, the two venvs, the debootstrap
+# tree and the llama.cpp source archive are independent downloads), then every test.
+test:
+	$(MAKE) -j4 test-ready
 	$(BIN)/pytest -q --junitxml=reports/junit.xml
+
+test-ready: sysdeps venv bench-venv lint testdata
+
+# The test hosts' debootstrap tree (.cache/rootfs) and the pinned llama.cpp source archive.
+testdata: sysdeps venv
+	$(BIN)/python -c 'from tests.support import llama_src, testhost; testhost.base_rootfs(); llama_src.archive()'
 
 test-cuda-build: venv
 	bash tests/cuda_build/run.sh

@@ -44,9 +44,10 @@ hosts = [
             # No internet beyond package registries: upload the source archive.
             "llama_cpp_source": "archive",
             "llama_cpp_archive": str(_CACHE / f"llama.cpp-{PINNED_LLAMA_CPP_COMMIT}.tar.gz"),
-            # Built trees cached per test host (removed with it), so that every fresh test
-            # host compiles as the tests expect; a real fleet shares .cache/builds.
-            "llama_cpp_build_cache": str(_HOST_DIR / "build-cache"),
+            # Built trees cached per local host (removed with it), unless the tests name the
+            # session's cache; a real fleet shares .cache/builds.
+            "llama_cpp_build_cache": os.environ.get("LLAMAHOST_LOCAL_BUILD_CACHE")
+            or str(_HOST_DIR / "build-cache"),
             # The model lock (make lock INVENTORY=inventory/local.py), when one is wanted.
             "llama_model_lock": os.environ.get("LLAMAHOST_LOCAL_LOCK") or None,
             # A token for gated repositories comes from the environment, never from here;
@@ -82,7 +83,7 @@ for _extra in filter(None, os.environ.get("LLAMAHOST_LOCAL_EXTRA_HOSTS", "").spl
                 "ssh_hostname": "127.0.0.1",
                 "ssh_port": 1,
                 "llama_profile": "cpu-demo",
-                "llama_port": 9,
+                "llama_port": 1025,  # nothing listens there
                 # A remote host must not listen on loopback only (it could not be scraped).
                 "llama_monitoring_exporter_host": "0.0.0.0",  # noqa: S104
             },

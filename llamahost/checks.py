@@ -56,6 +56,24 @@ def integer(lo: int, hi: int) -> Check:
     return check
 
 
+def unprivileged_port(who: str) -> Check:
+    """A port for a daemon that runs as an unprivileged user without capabilities: ports
+    below 1024 would need CAP_NET_BIND_SERVICE, which the toolkit does not grant."""
+
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+            raise Invalid("must be an integer from 1024 to 65535")
+        if v < 1024:
+            raise Invalid(
+                f"must be from 1024 to 65535: {who} runs as an unprivileged user without "
+                "capabilities and cannot bind a port below 1024 (a deploy would restart it "
+                "into a unit that fails); clients reach port 443 through the gateway"
+            )
+        return v
+
+    return check
+
+
 def number(lo: float, hi: float, *, lo_open: bool = False) -> Check:
     """A finite int or float in [lo, hi] (or (lo, hi] with lo_open)."""
     left = "(" if lo_open else "["

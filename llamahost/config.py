@@ -32,6 +32,7 @@ from llamahost.checks import (
     owned_file,
     pattern,
     sha256_hex,
+    unprivileged_port,
 )
 from llamahost.profiles import DEFAULT_PROFILE, PROFILES, SAMPLING_PRESETS
 
@@ -201,7 +202,7 @@ SETTINGS: tuple[Setting, ...] = (
         "`--alias`: model name in the API.",
     ),
     Setting("host", PROFILE, listen_address, "`--host`: listen address."),
-    Setting("port", PROFILE, integer(1, 65535), "`--port`."),
+    Setting("port", PROFILE, unprivileged_port("llama-server"), "`--port` (1024 to 65535)."),
     Setting(
         "threads",
         PROFILE,

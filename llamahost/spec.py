@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llamahost import lock as locks
+from llamahost import ports
 from llamahost.checks import PREFIX, ConfigError, FieldError, Setting, check_rows
 from llamahost.config import SETTINGS, HostConfig, Profile, core_values, cross_checks
 from llamahost.gateway import settings as gateway_settings
@@ -66,6 +67,9 @@ class HostSpec:
     monitored: bool  # the inventory has a `monitoring` group
     is_gateway: bool = False  # the host is in group `gateway` (runs HAProxy)
     is_monitoring: bool = False  # the host is in group `monitoring` (runs Prometheus)
+    # llama_firewall set false on a served host of an inventory with a `gateway` group: its
+    # llama port stays open to the network, and the run says so.
+    firewall_declined: bool = False
 
     @property
     def serves(self) -> bool:
@@ -164,6 +168,56 @@ def _apply_lock(cfg: HostConfig, errors: list[FieldError]) -> tuple[HostConfig, 
     return locks.apply(cfg, entry), LockState(path, entry)
 
 
+def listeners(
+    cfg: HostConfig,
+    gateway: GatewayConfig,
+    mon: MonitoringConfig,
+    *,
+    monitored: bool,
+    is_gateway: bool,
+    is_monitoring: bool,
+) -> list[ports.Listener]:
+    """Every TCP listener the deploy puts on this host (the gateway's per-host proxies are
+    unix sockets), in the order a clash is reported."""
+    out = []
+    if gateway.serve:
+        out.append(ports.Listener("port", "llama-server", cfg.profile.host, cfg.profile.port))
+    if is_gateway:
+        out.append(
+            ports.Listener(
+                "gateway_port", "the gateway", gateway.gateway_listen, gateway.gateway_port
+            )
+        )
+    if is_monitoring:
+        out.append(
+            ports.Listener(
+                "monitoring_prometheus_port",
+                "Prometheus",
+                mon.monitoring_prometheus_host,
+                mon.monitoring_prometheus_port,
+            )
+        )
+    if monitored and (gateway.serve or is_gateway):
+        out.append(
+            ports.Listener(
+                "monitoring_node_exporter_port",
+                "the node exporter",
+                mon.monitoring_exporter_host,
+                mon.monitoring_node_exporter_port,
+            )
+        )
+        if gateway.serve and cfg.profile.uses_gpu:
+            out.append(
+                ports.Listener(
+                    "monitoring_gpu_exporter_port",
+                    "the GPU exporter",
+                    mon.monitoring_exporter_host,
+                    mon.monitoring_gpu_exporter_port,
+                )
+            )
+    return out
+
+
 def resolve_host(
     name: str,
     data: Mapping[str, Any],
@@ -171,6 +225,7 @@ def resolve_host(
     monitored: bool = False,
     is_gateway: bool = False,
     is_monitoring: bool = False,
+    gatewayed: bool = False,
     use_lock: bool = True,
 ) -> HostSpec:
     """Validate a host's inventory data; raise ConfigError listing every bad field.
@@ -178,6 +233,7 @@ def resolve_host(
     ``monitored``: the inventory has a `monitoring` group (its hosts scrape this one).
     ``is_gateway``: the host is in group `gateway` (its controller files are checked).
     ``is_monitoring``: the host is in group `monitoring`.
+    ``gatewayed``: the inventory has a `gateway` group (``llama_firewall: auto`` turns on).
     ``use_lock`` false: do not apply ``llama_model_lock`` (the plan's what-if, the lock
     command that writes it).
     """
@@ -190,6 +246,9 @@ def resolve_host(
         raise ConfigError(name, errors)
     assert profile_name is not None  # a bad one is in errors
     errors += cross_checks(prof, core) + gpu_settings.cross_checks(gpu)
+    declined = gw["firewall"] is False and gatewayed and gw["serve"]
+    if gw["firewall"] == "auto":
+        gw["firewall"] = gatewayed and gw["serve"]
     gateway = GatewayConfig(**gw)
     errors += gateway_settings.cross_checks(gateway, is_gateway=is_gateway)
     cfg = HostConfig(host_name=name, profile=Profile(name=profile_name, **prof), **core)
@@ -205,6 +264,16 @@ def resolve_host(
         )
     if monitored and gateway.serve:
         errors += _monitored_checks(cfg, monitoring)
+    errors += ports.clashes(
+        listeners(
+            cfg,
+            gateway,
+            monitoring,
+            monitored=monitored,
+            is_gateway=is_gateway,
+            is_monitoring=is_monitoring,
+        )
+    )
     if errors:
         raise ConfigError(name, errors)
     serving_lock = use_lock and gateway.serve  # a host that serves nothing has no model
@@ -223,6 +292,7 @@ def resolve_host(
         monitored=monitored,
         is_gateway=is_gateway,
         is_monitoring=is_monitoring,
+        firewall_declined=declined,
     )
 
 
@@ -232,6 +302,7 @@ def inventory_specs(
     """Every host of an inventory, as (name, data, groups) from pyinfra: the specs of the
     valid ones and the errors of the others."""
     monitored = any(GROUP in groups for _, _, groups in hosts)
+    gatewayed = any(gateway_settings.GROUP in groups for _, _, groups in hosts)
     specs, errors = [], []
     for name, data, groups in hosts:
         try:
@@ -242,6 +313,7 @@ def inventory_specs(
                     monitored=monitored,
                     is_gateway=gateway_settings.GROUP in groups,
                     is_monitoring=GROUP in groups,
+                    gatewayed=gatewayed,
                     use_lock=use_lock,
                 )
             )

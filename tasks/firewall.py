@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from io import StringIO
 
+from pyinfra import logger
 from pyinfra.context import host
 from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import File
@@ -33,6 +34,12 @@ UNIT_PATH = f"{layout.SYSTEMD_DIR}/{layout.FIREWALL_UNIT}"
 def apply(spec: HostSpec) -> None:
     """The firewall in place on a served host with ``llama_firewall`` on; removed when off."""
     if not spec.gateway.firewall:
+        if spec.firewall_declined:
+            logger.warning(
+                f"{host.name}: llama_firewall is false in an inventory with a `gateway` group: "
+                f"llama-server's port {spec.profile.port} stays open to the network with this "
+                "host's key, past the gateway's client keys and limits (docs/gateway.md#exposure)"
+            )
         _remove()
         return
     specs = inventory_specs_or_refuse()

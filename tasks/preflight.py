@@ -36,6 +36,7 @@ def validated_spec() -> HostSpec:
             monitored=bool(host.inventory.get_group(GROUP, [])),
             is_gateway=GATEWAY in host.groups,
             is_monitoring=GROUP in host.groups,
+            gatewayed=bool(host.inventory.get_group(GATEWAY, [])),
         )
     except ConfigError as e:
         raise refuse(str(e)) from None

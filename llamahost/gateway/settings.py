@@ -235,9 +235,11 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "firewall",
-        False,
-        boolean,
-        "On served hosts, an nftables table of the toolkit's own (`inet llamahost`): the llama "
+        "auto",
+        either(boolean, choice("auto"), "true, false or auto"),
+        "`auto`: on for the served hosts of an inventory with a `gateway` group, off without "
+        "one; `false` on such a host leaves its llama port open to the network (the run "
+        "warns). On: an nftables table of the toolkit's own (`inet llamahost`): the llama "
         "port only from the `gateway` hosts and the `monitoring` hosts (Prometheus scrapes "
         "llama-server's `/metrics` there), the exporter ports only from the `monitoring` "
         "hosts, loopback always; other traffic (SSH included) is left alone. Needs a `gateway` "
@@ -282,7 +284,7 @@ class GatewayConfig:
     gateway_affinity_header: str | None
     gateway_hash_balance_factor: int
     serve: bool
-    firewall: bool
+    firewall: bool  # "auto" resolved by resolve_host (llamahost.spec)
     rolling_max_unavailable: int
     rolling_drain_timeout: int
 

@@ -9,11 +9,11 @@ from llamahost.checks import (
     Setting,
     either,
     http_url,
-    integer,
     listen_address,
     optional,
     pattern,
     sha256_hex,
+    unprivileged_port,
 )
 
 GROUP = "monitoring"  # inventory group whose hosts run Prometheus
@@ -48,7 +48,12 @@ MONITORING_SETTINGS: tuple[Setting, ...] = (
         "Prometheus listen address on the `monitoring` hosts. Prometheus has no login: keep "
         "it on loopback and reach it with `ssh -L`, or put an authenticating proxy in front.",
     ),
-    Setting("monitoring_prometheus_port", 9090, integer(1, 65535), "Prometheus port."),
+    Setting(
+        "monitoring_prometheus_port",
+        9090,
+        unprivileged_port("Prometheus"),
+        "Prometheus port (1024 to 65535).",
+    ),
     Setting(
         "monitoring_retention",
         "15d",
@@ -69,8 +74,18 @@ MONITORING_SETTINGS: tuple[Setting, ...] = (
         listen_address,
         "Listen address of the node and GPU exporters on served hosts.",
     ),
-    Setting("monitoring_node_exporter_port", 9100, integer(1, 65535), "Node exporter port."),
-    Setting("monitoring_gpu_exporter_port", 9835, integer(1, 65535), "GPU exporter port."),
+    Setting(
+        "monitoring_node_exporter_port",
+        9100,
+        unprivileged_port("the node exporter"),
+        "Node exporter port (1024 to 65535).",
+    ),
+    Setting(
+        "monitoring_gpu_exporter_port",
+        9835,
+        unprivileged_port("the GPU exporter"),
+        "GPU exporter port (1024 to 65535).",
+    ),
     Setting(
         "monitoring_gpu_exporter_version",
         PINNED_GPU_EXPORTER_VERSION,

@@ -42,7 +42,7 @@ def bring_up(names: list[str], hub_url: str, workdir: Path) -> dict[str, Any]:
     """Wall seconds of the first deploy and of the rerun of fresh hosts, with the load."""
     workdir.mkdir(exist_ok=True)
     t0 = time.monotonic()
-    fleet = Fleet.create(names, hub_url, workdir)
+    fleet = Fleet.create(names, hub_url, workdir, workdir / "build-cache")
     created = time.monotonic() - t0
     try:
         out: dict[str, Any] = {"hosts": len(names), "create_s": round(created, 1)}

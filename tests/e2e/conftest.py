@@ -2,7 +2,9 @@
 
 Session-scoped: the host is created once (seconds, from a cached debootstrap tree), the
 real deploy runs against it over SSH through `inventory/local.py`, and the host is removed
-at the end of the session.
+at the end of the session. Its first deploy compiles llama.cpp into the session's build
+cache (`build_cache`), which the fleet (tests/e2e/fleet.py) then receives from: one compile
+per session for the default build id.
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ class Site:
     timings: dict[str, float] = field(default_factory=dict)
     # The deploy's SSH login: "root", or the host's sudo user (the cloud-image path).
     ssh_user: str = "root"
+    # The session's build cache, shared with the fleet (None: the host's own, as in the demo).
+    build_cache: Path | None = None
 
     def env(self) -> dict[str, str]:
         """The environment that points inventory/local.py at this host."""
@@ -103,6 +107,7 @@ class Site:
             "LLAMAHOST_LOCAL_PORT": str(self.port),
             "LLAMAHOST_LOCAL_HUB": self.hub.url,
             "LLAMAHOST_LOCAL_SSH_USER": self.ssh_user,
+            **({"LLAMAHOST_LOCAL_BUILD_CACHE": str(self.build_cache)} if self.build_cache else {}),
         }
 
     def deploy(
@@ -195,7 +200,16 @@ def tiny_hub_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+def build_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The controller's build cache of this session, shared by the site host and the fleet
+    (a fresh one per session, so the session's first deploy compiles);
+    LLAMAHOST_TEST_BUILD_CACHE (development only) reuses built trees across sessions."""
+    given = os.environ.get("LLAMAHOST_TEST_BUILD_CACHE")
+    return Path(given) if given else tmp_path_factory.mktemp("build-cache")
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory: pytest.TempPathFactory, build_cache: Path) -> Iterator[Site]:
     require_prerequisites("end-to-end tests")
     archive()
     hub_root = tiny_hub_root(tmp_path_factory)
@@ -206,7 +220,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         # image (inventory/prod.py); the tests' own checks log in as root (site.sh).
         # LLAMAHOST_E2E_SSH_USER=root deploys as root instead.
         user = os.environ.get("LLAMAHOST_E2E_SSH_USER") or host.user
-        s = Site(host=host, hub=hub, port=free_port(), ssh_user=user)
+        s = Site(host=host, hub=hub, port=free_port(), build_cache=build_cache, ssh_user=user)
         try:
             yield s
         finally:

@@ -1,6 +1,8 @@
 """The multi-host test fleet, shared by the fleet bring-up (test_fleet.py) and the gateway
-(test_gateway.py) tests: three fresh Debian 12 hosts in one inventory file with a build cache
-of their own, brought up once per test session (one llama.cpp compile), removed at the end.
+(test_gateway.py) tests: three fresh Debian 12 hosts in one inventory file, brought up once
+per test session, removed at the end. They share the session's build cache with the site host
+(tests/e2e/conftest.py), whose first deploy compiled the default build: the fleet's first
+run receives it on every host; test_fleet.py's other build id is the fleet's own compile.
 
 Every host's llama-server listens on the same port at an address of its own: the hosts share
 this machine's network, so each gets a loopback address of this session's (127.77.X.Y);
@@ -35,7 +37,7 @@ REPORTS = REPO / "reports"
 
 @dataclass
 class Fleet:
-    """Test hosts in one inventory file, with a build cache of their own."""
+    """Test hosts in one inventory file, with the session's build cache."""
 
     hosts: dict[str, testhost.TestHost]
     addresses: dict[str, str]  # where each host's llama-server listens
@@ -45,7 +47,7 @@ class Fleet:
     timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, names: list[str], hub_url: str, workdir: Path) -> Fleet:
+    def create(cls, names: list[str], hub_url: str, workdir: Path, cache: Path) -> Fleet:
         hosts = {}
         addresses, port = own_addresses(len(names))
         try:
@@ -55,9 +57,6 @@ class Fleet:
             for n in hosts:
                 testhost.destroy(n)
             raise
-        # A fresh cache, so the fleet test sees its one compile; LLAMAHOST_TEST_BUILD_CACHE
-        # (development only) reuses built trees across sessions.
-        cache = Path(os.environ.get("LLAMAHOST_TEST_BUILD_CACHE") or workdir / "build-cache")
         inventory = workdir / "fleet_inventory.py"
         by_name = dict(zip(names, addresses, strict=True))
         data = [(n, host_data(hosts[n], by_name[n], port, hub_url, cache)) for n in names]
@@ -135,7 +134,7 @@ def host_data(
 
 
 @pytest.fixture(scope="session")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def fleet(tmp_path_factory: pytest.TempPathFactory, build_cache: Path) -> Iterator[Fleet]:
     require_prerequisites("fleet tests")
     archive()
     root = tmp_path_factory.mktemp("fleet-hub")
@@ -143,7 +142,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     write_tiny(str(root / MODEL_REPO / MODEL_FILE))
     names = [f"fleet{os.getpid()}-{x}" for x in "abc"]
     with HubServer(root) as hub:
-        f = Fleet.create(names, hub.url, tmp_path_factory.mktemp("fleet"))
+        f = Fleet.create(names, hub.url, tmp_path_factory.mktemp("fleet"), build_cache)
         try:
             yield f
         finally:
@@ -153,11 +152,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 @pytest.fixture(scope="session")
-def first(fleet: Fleet) -> Run:
+def first(fleet: Fleet, deployed: Run) -> Run:
+    """The fleet's first run, after the site host's first deploy (`deployed`) compiled the
+    default build into the shared cache: every fleet host receives it."""
     run = fleet.deploy()
     assert run.rc == 0, run.output[-6000:]
     fleet.timings["first_run_3_hosts_s"] = round(run.seconds, 1)
-    for n in fleet.hosts:
-        took = fleet.sh(n, "cat /opt/llama.cpp/current/logs/build-seconds", check=False).strip()
-        fleet.timings["llama_cpp_build_s"] = float(took)
     return run

@@ -202,6 +202,7 @@ def test_breakage_fails_its_check_and_a_deploy_repairs_it(
     site: Site, baseline: Compliance, tmp_path: Path, breakage: Breakage
 ) -> None:
     assert_all_pass(baseline)
+    repaired = False
     try:
         site.sh(breakage.command)
         broken = run_compliance(site, tmp_path)
@@ -214,5 +215,9 @@ def test_breakage_fails_its_check_and_a_deploy_repairs_it(
 
         deploy(site)
         assert_all_pass(run_compliance(site, tmp_path))
+        repaired = True
     finally:
-        restore(site)
+        if repaired:  # the deploy put the host back; only the drill's stray file is left
+            site.sh(f"rm -f {STUCK_MODEL}", check=False)
+        else:
+            restore(site)

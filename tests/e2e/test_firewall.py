@@ -1,6 +1,7 @@
 """`llama_firewall` for real on a served test host with a network namespace of its own
 (10.203.0.0/24 on a bridge of the test's, this machine at 10.203.0.1): the llama port
-from the gateway and monitoring hosts only (here one host holds both roles; a separate
+from the gateway and monitoring hosts only, on by default since the inventory has a
+`gateway` group (here one host holds both roles; a separate
 monitoring host is proved with real nft in network namespaces in
 tests/unit/test_firewall.py), the exporter port from the monitoring host only, SSH as
 before; a rerun changes nothing; the rules come back after a reboot; compliance passes,
@@ -141,7 +142,8 @@ def test_firewall_lets_only_the_gateway_and_monitoring_in(net: Net, tmp_path: Pa
     s = net.served.address
     assert wait_reaches(LLAMA, None, s), "the stand-in never listened"
     assert reaches(NODE, None, s)  # before: everyone reaches both ports
-    net.write(llama_firewall=True)
+    # No llama_firewall setting: the inventory has a `gateway` group, so it is on (`auto`).
+    net.write()
     run = net.deploy()
     assert run.rc == 0, run.output[-6000:]
     net.timings["firewall_first_run_s"] = round(run.seconds, 1)
@@ -187,6 +189,10 @@ def test_turned_off_the_table_and_its_files_are_gone(net: Net) -> None:
     net.write(llama_firewall=False)
     run = net.deploy()
     assert run.rc == 0, run.output[-6000:]
+    # Off behind a gateway, by the host's choice: the run says what that leaves open.
+    assert f"{net.served.name}: llama_firewall is false in an inventory with a `gateway`" in (
+        run.stderr
+    )
     assert reaches(LLAMA, None, net.served.address)
     listed = net.served.run(f"nft list table inet {layout.FIREWALL_TABLE}", check=False)
     assert listed.returncode != 0

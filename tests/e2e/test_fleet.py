@@ -1,11 +1,12 @@
 """Fleet bring-up (issue 13): three fresh Debian 12 hosts with the same build id, one
-inventory, one real `pyinfra ... deploy.py` run. Exactly one host compiles llama.cpp; the
-controller caches its tree and the other two receive it, without a compiler; all three
-serve; a rerun changes nothing anywhere. Then bad archives pushed to a serving host are
-refused with `current` and the server untouched. Last, one host deployed with other CMake
-arguments (another build id) compiles its own, the cache then holds both builds, and a
-rerun with the original arguments moves it back to the first build without compiling (the
-rollback), after which the whole fleet reruns quietly.
+inventory, one real `pyinfra ... deploy.py` run. The controller's cache already holds the
+default build (the site host compiled it this session): every host receives it, without a
+compiler; all three serve; a rerun changes nothing anywhere. Then bad archives pushed to a
+serving host are refused with `current` and the server untouched. Last, the fleet deployed
+with other CMake arguments (another build id, in no cache): exactly one host compiles, the
+controller caches its tree and the other two receive it, without a compiler; the cache then
+holds both builds, and a rerun with the original arguments moves every host back to the
+first build without compiling (the rollback), after which the fleet reruns quietly.
 
 The hosts are the session's shared fleet (tests/e2e/fleet.py, also used by
 tests/e2e/test_gateway.py); every test here leaves each host serving its original build and
@@ -46,28 +47,30 @@ def served(fleet: Fleet, name: str) -> str:
     )
 
 
-def test_one_host_compiles_the_others_receive(fleet: Fleet, first: Run) -> None:
+def test_every_host_receives_the_cached_build_without_a_compiler(fleet: Fleet, first: Run) -> None:
+    """The site host's first deploy compiled the default build into the controller's cache
+    shared with the fleet: every fleet host receives it, none compiles or installs a
+    compiler. (The fleet's own one-compile run is the other build id below.)"""
     names = list(fleet.hosts)
-    built_by = {n: fleet.sh(n, "cat /opt/llama.cpp/current/logs/built-by").strip() for n in names}
-    received = [n for n in names if _has_received(fleet, n)]
-    # One host compiled (whichever pyinfra planned first); every host's tree says which.
-    (builder,) = set(built_by.values())
-    assert builder in names
-    assert received == [n for n in names if n != builder]
-    assert [op for op in first.changed_operations() if op.startswith(COMPILE_OP)] != []
-    assert first.stderr.count("compiles it and the controller caches it") == 1
-    assert first.stderr.count("receives it from the controller's cache") == 2
-    # One build id, one archive in the cache, the same tree everywhere.
     (entry,) = builds.cache_entries(fleet.cache)
-    assert {current(fleet, n) for n in names} == {f"/opt/llama.cpp/builds/{entry.build_id}"}
-    assert entry.info()["built_by"] == builder
-    # No compiler where none is needed: only the builder installed one.
+    builder = entry.info()["built_by"]
+    assert builder not in names  # the site host
+    assert not any(op.startswith(COMPILE_OP) for op in first.changed_operations())
+    assert "compiles it" not in first.stderr
     for n in names:
-        has_cc = fleet.sh(n, "command -v cc cmake", check=False).strip() != ""
-        assert has_cc == (n == builder), n
+        (line,) = role_lines(first, n)
+        assert f"llama.cpp build {entry.build_id} ({PLATFORM}): receives it" in line, line
+        assert _has_received(fleet, n), n
+        assert fleet.sh(n, "cat /opt/llama.cpp/current/logs/built-by").strip() == builder
+    assert first.stderr.count("receives it from the controller's cache") == len(names)
+    assert {current(fleet, n) for n in names} == {f"/opt/llama.cpp/builds/{entry.build_id}"}
+    # No compiler where none is needed.
+    for n in names:
+        assert fleet.sh(n, "command -v cc cmake", check=False).strip() == "", n
     # No archive left behind on any host.
     for n in names:
         assert fleet.sh(n, "ls -A /opt/llama.cpp/incoming").strip() == ""
+    fleet.timings["first_run_3_hosts_received_s"] = round(first.seconds, 1)
 
 
 def _has_received(fleet: Fleet, name: str) -> bool:
@@ -167,79 +170,87 @@ def chat(fleet: Fleet, name: str) -> int:
     return r.status_code
 
 
-def test_other_cmake_arguments_build_their_own_and_a_rerun_rolls_back(
+def test_other_cmake_arguments_compile_once_for_the_fleet_and_a_rerun_rolls_back(
     fleet: Fleet, first: Run
 ) -> None:
     names = list(fleet.hosts)
-    # The host that compiled the fleet's build: it has the compiler already, so the shared
-    # hosts keep the packages they had (the receivers stay without cc and cmake).
-    name = fleet.sh(names[0], "cat /opt/llama.cpp/current/logs/built-by").strip()
-    assert name in names
-    original = current(fleet, name)
+    original = current(fleet, names[0])
+    assert {current(fleet, n) for n in names} == {original}
     first_id = original.rsplit("/", 1)[1]
-    unit = fleet.sh(name, "cat /etc/systemd/system/llama-server.service")
-    others = {n: (current(fleet, n), served(fleet, n)) for n in names if n != name}
-    cfg = resolve_host(name, {"llama_cpp_cmake_args": OTHER_CMAKE_ARGS}).cfg
+    units = {n: fleet.sh(n, "cat /etc/systemd/system/llama-server.service") for n in names}
+    cfg = resolve_host(names[0], {"llama_cpp_cmake_args": OTHER_CMAKE_ARGS}).cfg
     other_id = builds.build_id(cfg.cpp_commit, builds.cmake_args(cfg), PLATFORM)
     assert other_id != first_id
     assert [e.build_id for e in builds.cache_entries(fleet.cache)] == [first_id]
-    before = served(fleet, name)
-
+    before = {n: served(fleet, n) for n in names}
     moved = False
     try:
-        # 1. Other CMake arguments: another build id, which nobody has: this host compiles.
-        run = fleet.deploy(
-            "--limit", name, "--data", f"llama_cpp_cmake_args={json.dumps(OTHER_CMAKE_ARGS)}"
-        )
+        # 1. Other CMake arguments for the whole fleet: another build id, which nobody has.
+        # One host (whichever pyinfra planned first) compiles it and the controller caches
+        # it; the other two receive it, without a compiler.
+        run = fleet.deploy("--data", f"llama_cpp_cmake_args={json.dumps(OTHER_CMAKE_ARGS)}")
         moved = True
         assert run.rc == 0, run.output[-6000:]
-        fleet.timings["other_cmake_args_deploy_1_host_s"] = round(run.seconds, 1)
-        (line,) = role_lines(run, name)
-        assert f"llama.cpp build {other_id} ({PLATFORM}): compiles it" in line, line
-        assert "receives it" not in run.stderr
-        assert any(op.startswith(COMPILE_OP) for op in run.changed_operations())
-        assert current(fleet, name) == f"/opt/llama.cpp/builds/{other_id}"
-        assert fleet.sh(name, "cat /opt/llama.cpp/current/logs/built-by").strip() == name
-        took = fleet.sh(name, "cat /opt/llama.cpp/current/logs/build-seconds").strip()
+        fleet.timings["other_cmake_args_deploy_3_hosts_s"] = round(run.seconds, 1)
+        parts = {n: role_lines(run, n) for n in names}
+        assert all(len(lines) == 1 for lines in parts.values()), parts
+        builders = [n for n in names if f"{other_id} ({PLATFORM}): compiles it" in parts[n][0]]
+        (builder,) = builders
+        for n in names:
+            if n != builder:
+                assert f"{other_id} ({PLATFORM}): receives it" in parts[n][0], parts[n]
+        assert run.stderr.count("compiles it and the controller caches it") == 1
+        assert run.stderr.count("receives it from the controller's cache") == 2
+        assert len([op for op in run.changed_operations() if op.startswith(COMPILE_OP)]) == 1
+        took = fleet.sh(builder, "cat /opt/llama.cpp/current/logs/build-seconds").strip()
         fleet.timings["other_cmake_args_build_s"] = float(took)
-        # The build it replaced is kept as `previous`, for the rollback below.
-        assert fleet.sh(name, "readlink /opt/llama.cpp/previous").strip() == original
+        for n in names:
+            assert current(fleet, n) == f"/opt/llama.cpp/builds/{other_id}", n
+            assert fleet.sh(n, "cat /opt/llama.cpp/current/logs/built-by").strip() == builder
+            # The build it replaced is kept as `previous`, for the rollback below.
+            assert fleet.sh(n, "readlink /opt/llama.cpp/previous").strip() == original
+            # A compiler only where one compiled.
+            has_cc = fleet.sh(n, "command -v cc cmake", check=False).strip() != ""
+            assert has_cc == (n == builder), n
+            assert fleet.sh(n, "ls -A /opt/llama.cpp/incoming").strip() == ""
         # The cache holds both builds, the new one recorded with its arguments and builder.
         assert {e.build_id for e in builds.cache_entries(fleet.cache)} == {first_id, other_id}
         info = builds.CacheEntry(fleet.cache, other_id).info()
-        assert info["built_by"] == name
+        assert info["built_by"] == builder
         assert info["cmake_args"][-2:] == OTHER_CMAKE_ARGS
-        # The new binary serves (restarted once); nothing moved on the other hosts.
-        assert served(fleet, name) != before
-        assert fleet.health(name) == 200 and chat(fleet, name) == 200
-        assert {n: (current(fleet, n), served(fleet, n)) for n in others} == others
-        after_move = served(fleet, name)
+        # The new binary serves everywhere (each server restarted once).
+        for n in names:
+            assert served(fleet, n) != before[n], n
+            assert fleet.health(n) == 200 and chat(fleet, n) == 200
+        after_move = {n: served(fleet, n) for n in names}
 
-        # 2. Rollback: a rerun with the original arguments. The first build is still on the
+        # 2. Rollback: a rerun with the original arguments. The first build is still on every
         # host (kept as `previous`): `current` moves back, no compile, no transfer.
-        back = fleet.deploy("--limit", name)
+        back = fleet.deploy()
         assert back.rc == 0, back.output[-6000:]
         moved = False
-        fleet.timings["rollback_rerun_1_host_s"] = round(back.seconds, 1)
-        (line,) = role_lines(back, name)
-        assert f"llama.cpp build {first_id} ({PLATFORM}): has it" in line, line
+        fleet.timings["rollback_rerun_3_hosts_s"] = round(back.seconds, 1)
+        for n in names:
+            (line,) = role_lines(back, n)
+            assert f"llama.cpp build {first_id} ({PLATFORM}): has it" in line, line
         assert "compiles it" not in back.stderr and "receives it" not in back.stderr
         changed = back.changed_operations()
         assert not any(
             op.startswith((COMPILE_OP, "Receive llama.cpp", "Fetch llama.cpp")) for op in changed
         )
         assert "Point llama.cpp `current` at the build" in changed
-        assert current(fleet, name) == original
-        assert fleet.sh(name, "readlink /opt/llama.cpp/previous").strip() == (
-            f"/opt/llama.cpp/builds/{other_id}"
-        )
-        assert served(fleet, name) != after_move  # restarted once, on the first build
-        assert fleet.health(name) == 200 and chat(fleet, name) == 200
-        assert fleet.sh(name, "cat /etc/systemd/system/llama-server.service") == unit
+        for n in names:
+            assert current(fleet, n) == original, n
+            assert fleet.sh(n, "readlink /opt/llama.cpp/previous").strip() == (
+                f"/opt/llama.cpp/builds/{other_id}"
+            )
+            assert served(fleet, n) != after_move[n]  # restarted once, on the first build
+            assert fleet.health(n) == 200 and chat(fleet, n) == 200
+            assert fleet.sh(n, "cat /etc/systemd/system/llama-server.service") == units[n]
         assert {e.build_id for e in builds.cache_entries(fleet.cache)} == {first_id, other_id}
     finally:
-        if moved:  # a failure between the two runs: put the host back for the other tests
-            fleet.deploy("--limit", name)
+        if moved:  # a failure between the two runs: put the hosts back for the other tests
+            fleet.deploy()
 
     # 3. The fleet as the session fixture made it: a rerun of every host changes nothing.
     quiet = fleet.deploy()

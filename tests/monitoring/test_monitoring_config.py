@@ -58,7 +58,7 @@ def test_settings_rows_have_the_config_shape() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("llama_monitoring_prometheus_port", 70000, "must be an integer from 1 to 65535"),
+        ("llama_monitoring_prometheus_port", 70000, "must be an integer from 1024 to 65535"),
         ("llama_monitoring_retention", "15 days", "must be a duration like 15s, 12h or 15d"),
         ("llama_monitoring_prometheus_host", "localhost", "must be an IPv4 or IPv6 address"),
         ("llama_monitoring_gpu_exporter_sha256", "ABC", "must be a sha256 in 64 lower-case"),

@@ -18,6 +18,7 @@ import pytest
 
 from llamahost import firewall as fw
 from llamahost.checks import ConfigError
+from llamahost.fleet import inventory_specs
 from llamahost.spec import HostSpec, resolve_host
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -31,8 +32,54 @@ def spec(name: str, address: str, monitored: bool = False, **data: Any) -> HostS
     )
 
 
-def test_off_unless_asked() -> None:
+def test_off_without_a_gateway_group() -> None:
     assert spec("a", "10.0.0.2").gateway.firewall is False
+
+
+@pytest.fixture(scope="module")
+def clients(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    keys = tmp_path_factory.mktemp("gw") / "clients"
+    keys.write_text("alice alice-key-0123456789abcdef0123456789\n")
+    keys.chmod(0o600)
+    return keys
+
+
+def _inventory(clients: Path, served: dict[str, Any], with_gateway: bool = True) -> list[HostSpec]:
+    gw = {"ssh_hostname": "10.0.0.1", "llama_serve": False,
+          "llama_gateway_client_keys_file": str(clients)}  # fmt: skip
+    hosts: list[tuple[str, dict[str, Any], list[str]]] = [
+        ("a", {"ssh_hostname": "10.0.0.2", "llama_profile": "cpu-demo", **served}, []),
+    ]
+    if with_gateway:
+        hosts.append(("gw", gw, ["gateway"]))
+    specs, errors = inventory_specs(hosts)
+    assert errors == []
+    return specs
+
+
+def test_on_by_default_behind_a_gateway(clients: Path) -> None:
+    """`auto` (the default): an inventory with a `gateway` group closes its served hosts'
+    llama port to everyone but the gateways; the gateway-only host has none."""
+    a, gw = _inventory(clients, {})
+    assert a.gateway.firewall is True and not a.firewall_declined
+    assert gw.gateway.firewall is False and not gw.firewall_declined
+    (llama,) = fw.allows(a, [gw], [])
+    assert llama.ports == (8080,) and llama.v4 == ("10.0.0.1",)
+    # Turned off by the host: off, and the run will warn (tasks/firewall.py).
+    a, _ = _inventory(clients, {"llama_firewall": False})
+    assert a.gateway.firewall is False and a.firewall_declined
+    # Without a gateway group, `auto` and false are the same: off, nothing to warn about.
+    (a,) = _inventory(clients, {}, with_gateway=False)
+    assert a.gateway.firewall is False and not a.firewall_declined
+    (a,) = _inventory(clients, {"llama_firewall": False}, with_gateway=False)
+    assert not a.firewall_declined
+
+
+@pytest.mark.parametrize("value", ["on", 1, "Auto", None])
+def test_other_values_are_refused(value: Any) -> None:
+    with pytest.raises(ConfigError) as e:
+        spec("a", "10.0.0.2", llama_firewall=value)
+    assert str(e.value.errors[0]) == f"llama_firewall = {value!r}: must be true, false or auto"
 
 
 def test_the_llama_port_from_gateways_and_monitoring_the_exporters_from_monitoring() -> None:

@@ -15,11 +15,13 @@ SYSTEM_PACKAGES := debootstrap systemd-container openssh-client curl ca-certific
 BENCH_VENV := .cache/bench-venv
 AIPERF_VERSION := $(shell sed -n 's/^AIPERF_VERSION = "\(.*\)"/\1/p' llamahost/bench/__init__.py)
 
-.PHONY: help sysdeps venv lint unit e2e test test-ready testdata demo demo-destroy plan lock test-cuda-build compliance \
+.PHONY: help sysdeps venv lint unit e2e test test-ready testdata demo demo-destroy demo-bench plan lock test-cuda-build compliance \
 	bench-venv bench
 
 help:
-	@echo "make demo          bring up the local Debian 12 host serving llama-server (tiny model)"
+	@echo "make demo          the whole stack on a local Debian 12 host: llama-server (tiny model),"
+	@echo "                   the TLS gateway, Prometheus with the alert rules"
+	@echo "make demo-bench    sweep the demo through its gateway with aiperf (plot, CSV, JSON)"
 	@echo "make demo-destroy  remove the local host"
 	@echo "make test          lint, type-check, unit tests, end-to-end tests on a fresh local host"
 	@echo "make unit          fast tests of the pure logic and the GPU plan tests"
@@ -90,6 +92,11 @@ bench: venv bench-venv
 
 demo: sysdeps venv
 	$(BIN)/python -m tests.support.demo up
+
+# The demo through its gateway, swept with aiperf (`python -m llamahost bench INV --gateway`).
+demo-bench: venv bench-venv
+	LLAMAHOST_LOCAL_GATEWAY=1 LLAMAHOST_LOCAL_MONITORING=1 $(BIN)/python -m llamahost bench \
+		inventory/local.py --gateway --tokenizer .cache/demo/tokenizer
 
 demo-destroy: venv
 	$(BIN)/python -m tests.support.demo down

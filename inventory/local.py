@@ -16,6 +16,10 @@ _NAME = os.environ.get("LLAMAHOST_LOCAL_HOST", "demo")
 _HOST_DIR = _CACHE / "hosts" / _NAME
 # LLAMAHOST_LOCAL_MONITORING=1 puts the host in group `monitoring`: it runs Prometheus too.
 _MONITORING = os.environ.get("LLAMAHOST_LOCAL_MONITORING") == "1"
+# LLAMAHOST_LOCAL_GATEWAY=1 puts the host in group `gateway` too: HAProxy in front of its own
+# llama-server, TLS on LLAMAHOST_LOCAL_GATEWAY_PORT (8443) of 127.0.0.1, the client keys
+# from LLAMAHOST_LOCAL_CLIENT_KEYS (`make demo` writes .cache/demo/clients).
+_GATEWAY = os.environ.get("LLAMAHOST_LOCAL_GATEWAY") == "1"
 # LLAMAHOST_LOCAL_SSH_USER=admin logs in as the host's unprivileged user with its own key
 # and runs everything through sudo, as inventory/prod.py reaches a cloud image; unset (or
 # root): root over SSH.
@@ -69,6 +73,22 @@ hosts = [
                 if _MONITORING
                 else {}
             ),
+            **(
+                {
+                    "llama_gateway_listen": "127.0.0.1",
+                    "llama_gateway_port": int(
+                        os.environ.get("LLAMAHOST_LOCAL_GATEWAY_PORT", "8443")
+                    ),
+                    "llama_gateway_client_keys_file": os.environ.get(
+                        "LLAMAHOST_LOCAL_CLIENT_KEYS", str(_CACHE / "demo" / "clients")
+                    ),
+                    # The local host shares this machine's network: a firewall table there
+                    # would filter the machine itself (the run warns that it is off).
+                    "llama_firewall": False,
+                }
+                if _GATEWAY
+                else {}
+            ),
         },
     )
 ]
@@ -91,3 +111,4 @@ for _extra in filter(None, os.environ.get("LLAMAHOST_LOCAL_EXTRA_HOSTS", "").spl
     )
 
 monitoring = [_NAME] if _MONITORING else []
+gateway = [_NAME] if _GATEWAY else []

@@ -103,14 +103,35 @@ def parse_nvidia_smi(lines: Iterable[str] | None) -> Smi:
     if "couldn't communicate with the NVIDIA driver" in text or "No devices were found" in text:
         return Smi("no-driver", message=lines[0])
     gpus = []
+    asked = ", ".join(SMI_FIELDS)
     for line in lines:
         cells = [c.strip() for c in line.split(",")]
-        if len(cells) != len(SMI_FIELDS):
-            return Smi("error", message=line)
+        if len(cells) < len(SMI_FIELDS):
+            missing = ", ".join(SMI_FIELDS[len(cells) :])
+            return Smi(
+                "error",
+                message=f"nvidia-smi answered {len(cells)} of the {len(SMI_FIELDS)} fields asked "
+                f"({asked}) in {line!r}: no {missing}",
+            )
+        if len(cells) > len(SMI_FIELDS):
+            return Smi(
+                "error",
+                message=f"nvidia-smi answered {len(cells)} fields, not the {len(SMI_FIELDS)} "
+                f"asked ({asked}), in {line!r}",
+            )
         index, name, bus_id, version, persistence, cap, memory = cells
         mem = re.fullmatch(r"([0-9]+) MiB", memory)
-        if not index.isdigit() or not re.fullmatch(r"[0-9]+\.[0-9]+", cap) or not mem:
-            return Smi("error", message=line)
+        bad = [
+            field
+            for field, ok in (
+                ("index", index.isdigit()),
+                ("compute_cap", re.fullmatch(r"[0-9]+\.[0-9]+", cap)),
+                ("memory.total", mem),
+            )
+            if not ok
+        ]
+        if bad or not mem:
+            return Smi("error", message=f"nvidia-smi: {', '.join(bad)} unreadable in {line!r}")
         gpus.append(
             SmiGpu(int(index), name, bus_id, version, persistence == "Enabled", cap, int(mem[1]))
         )
@@ -179,6 +200,10 @@ def gpu_path(host: str, settings: GpuSettings, found: Probe) -> bool:
     """Whether this host takes the GPU path; raises when a required GPU is missing."""
     if settings.gpu_stack == "off":
         return False
+    if found.smi.state == "error":
+        # Read exactly or not at all: a short or garbled answer is not parsed around (its
+        # GPUs' memory and architecture would be guessed).
+        raise GpuError(f"host {host!r}: {found.smi.message}. Nothing was changed.")
     if settings.gpu_required and not found.has_gpu:
         raise GpuError(
             f"host {host!r}: no NVIDIA GPU found (lspci, nvidia-smi) and llama_gpu_required "

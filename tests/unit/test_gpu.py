@@ -499,6 +499,51 @@ def test_gpu_path() -> None:
         gpu.gpu_path("gpu-7", settings(gpu_required=True), none)
 
 
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        # A driver that answers 6 of the 7 fields (no memory.total).
+        (
+            "0, NVIDIA A100-SXM4-40GB, 00000000:07:00.0, 580.95.05, Enabled, 8.0",
+            "nvidia-smi answered 6 of the 7 fields asked (index, name, pci.bus_id, "
+            "driver_version, persistence_mode, compute_cap, memory.total) in '0, NVIDIA "
+            "A100-SXM4-40GB, 00000000:07:00.0, 580.95.05, Enabled, 8.0': no memory.total",
+        ),
+        (
+            "0, A100, 00000000:07:00.0, 580.95.05, Enabled, 8.0, 40960 MiB, extra",
+            "nvidia-smi answered 8 fields, not the 7 asked",
+        ),
+        (
+            "0, A100, 00000000:07:00.0, 580.95.05, Enabled, [N/A], 40960 MiB",
+            "nvidia-smi: compute_cap unreadable in",
+        ),
+    ],
+)
+def test_a_short_or_garbled_nvidia_smi_answer_is_refused_not_parsed_around(
+    answer: str, says: str
+) -> None:
+    """Not read around: its GPUs' memory and architecture would be guessed from lspci."""
+    found = probe(lspci=A100_PCI, smi=[answer])
+    assert found.smi.state == "error" and says in found.smi.message
+    with pytest.raises(gpu.GpuError) as e:
+        gpu.gpu_path("gpu-3", settings(), found)
+    assert str(e.value).startswith(f"host 'gpu-3': {says}")
+    assert str(e.value).endswith("Nothing was changed.")
+    # The CPU path (llama_gpu_stack off) never reads nvidia-smi's answer.
+    assert not gpu.gpu_path("gpu-3", settings(gpu_stack="off"), found)
+
+
+@pytest.mark.parametrize(
+    ("device", "cap"),
+    [("2335", "90"), ("233b", "90"), ("2342", "90"), ("2901", "100"), ("20b0", "80")],
+)
+def test_current_data_centre_gpus_map_by_pci_id_before_any_driver(device: str, cap: str) -> None:
+    """H200 SXM (10de:2335), H200 NVL, GH200, B200 and the A100 on a host without a driver:
+    the architecture comes from the PCI id table (llamahost/gpu/cuda.py)."""
+    pci = [f"07:00.0 3D controller [0302]: NVIDIA Corporation Device [10de:{device}] (rev a1)"]
+    assert gpu.architectures("h", settings(), probe(lspci=pci)) == cap
+
+
 NODES = lines("dev-nvidia.txt")
 
 

@@ -7,7 +7,8 @@ only turns them into operations, in the order a fresh host needs them:
                driver an apt pin keeps NVIDIA's driver packages out
   persistence  the nvidia-persistenced drop-in, before the driver, so that the daemon the
                packages start already runs in persistence mode
-  nouveau      blacklisted; the initramfs rebuilt only when the blacklist changed
+  nouveau      blacklisted; the initramfs rebuilt when the blacklist changed, or before a
+               reboot with nouveau loaded
   driver       NVIDIA's pinning package first (NVIDIA's repository), then the driver, held;
                a driver that runs on the pinned branch and flavour is kept, another one
                replaced in one apt transaction (unhold, install and purge, hold again);
@@ -140,7 +141,7 @@ def install(
             f"{host.print_prefix}the installed driver is replaced: {', '.join(plan.remove)}"
         )
     repository(dist, repo_arch, plan)
-    dropin, blacklist = configuration()
+    dropin, blacklist = configuration(rebuild=decision.needed and found.nouveau_loaded)
     driver = driver_packages(plan)
     # No CUDA toolkit here: step 4 installs it only where llama.cpp is compiled, and only
     # the CUDA runtime and cuBLAS where a built tree is received.
@@ -191,9 +192,11 @@ def repository(dist: Distribution, repo_arch: str, plan: gpu.DriverPlan) -> None
     apt.update(name="Update apt lists (repository or pin changed)", _if=any_changed(*changed))
 
 
-def configuration() -> tuple[OperationMeta, OperationMeta]:
+def configuration(rebuild: bool) -> tuple[OperationMeta, OperationMeta]:
     """The persistenced drop-in and the nouveau blacklist, with the reload and the
-    initramfs rebuild each needs when it changed."""
+    initramfs rebuild each needs when it changed. ``rebuild``: a reboot is due with nouveau
+    loaded, so the initramfs is rebuilt even where the blacklist was already in place (an
+    initramfs made before it would load nouveau again at the next boot)."""
     dropin = files.put(
         name="nvidia-persistenced in persistence mode (drop-in)",
         src="files/gpu/nvidia-persistenced.conf",
@@ -209,9 +212,10 @@ def configuration() -> tuple[OperationMeta, OperationMeta]:
     )
     server.shell(
         name="Rebuild the initramfs without nouveau",
-        # Shell: no operation rebuilds an initramfs. Only when the blacklist changed.
+        # Shell: no operation rebuilds an initramfs. Only when the blacklist changed, or
+        # before a reboot with nouveau loaded.
         commands=[gpu.INITRAMFS_REBUILD],
-        _if=blacklist.did_change,
+        _if=lambda: rebuild or blacklist.did_change(),
     )
     return dropin, blacklist
 

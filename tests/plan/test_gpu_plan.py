@@ -122,6 +122,22 @@ def test_fresh_gpu_host_installs_the_stack_and_reboots(distro: str, nouveau: boo
 
 
 @pytest.mark.parametrize("distro", DISTROS)
+def test_nouveau_loaded_with_the_blacklist_in_place_rebuilds_the_initramfs(distro: str) -> None:
+    """The driver packages and the blacklist are in place (a run that stopped before its
+    reboot, or an image that ships the same blacklist), yet nouveau is loaded from an
+    initramfs made before the blacklist: the reboot comes with a rebuilt initramfs, or
+    nouveau would load again at the next boot. A converged host rebuilds nothing."""
+    p = plan(FakeHost(distro, driver="mismatch", nouveau=True))
+    decision = p.result.reboot
+    assert decision is not None and decision.will and "nouveau is loaded" in decision.reasons
+    assert p.commands("Blacklist nouveau") == ()  # the file is already ours
+    assert p.commands("Rebuild the initramfs") == (gpu.INITRAMFS_REBUILD,)
+    assert index(p, "Rebuild the initramfs") < index(p, REBOOT_OP)
+    quiet = plan(FakeHost(distro, driver="current"))
+    assert quiet.commands("Rebuild the initramfs") == ()
+
+
+@pytest.mark.parametrize("distro", DISTROS)
 def test_driver_source_per_distribution(distro: str) -> None:
     p = plan(FakeHost(distro))
     ubuntu = distro.startswith("ubuntu")

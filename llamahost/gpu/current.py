@@ -34,11 +34,17 @@ _KERNEL_KIND = re.compile(
     r"(linux-(modules|objects|signatures)-nvidia-|nvidia-headless-|nvidia-dkms-|"
     r"nvidia-kernel-source-|nvidia-driver-[0-9]|nvidia-kernel-(open-)?dkms)"
 )
-# (nvidia-headless-no-dkms-* is shared: DKMS's nvidia-headless-* depends on it.)
+# Which packages belong to one kind of kernel module, from the relations of Canonical's
+# control data (canonical/nvidia-graphics-drivers, branch 580-server, debian/control, read
+# at a65eb85; the same in 580-server-noble and 535-server-noble): nvidia-dkms-* and the
+# metapackages that depend on it (nvidia-headless-<b>-server*, the full
+# nvidia-driver-<b>-server*) are DKMS's; linux-{modules,objects,signatures}-nvidia-* (from
+# linux-restricted-modules) are the precompiled path's. Shared by both, never purged for a
+# change of kind: nvidia-headless-no-dkms-* (DKMS's nvidia-headless-* depends on it) and
+# nvidia-kernel-source-* (nvidia-headless-no-dkms-* depends on it, `(= version)`), with
+# nvidia-kernel-common and the user space.
 _PRECOMPILED_ONLY = re.compile(r"linux-(modules|objects|signatures)-nvidia-")
-_DKMS_ONLY = re.compile(
-    r"(nvidia-dkms-|nvidia-kernel-source-|nvidia-headless-[0-9]+|nvidia-driver-[0-9]+)"
-)
+_DKMS_ONLY = re.compile(r"(nvidia-dkms-|nvidia-headless-[0-9]+|nvidia-driver-[0-9]+)")
 
 
 def branch_in_name(name: str) -> str | None:

@@ -136,6 +136,7 @@ def driver_plan(
     plan = _packages(
         host, dist, settings, kernel_release, installed, source, running_kind, available
     )
+    plan = _full_driver_for_headless(plan, installed)
     if secure_boot and plan.kernel_modules == "dkms" and running_kind != "dkms":
         raise GpuError(
             f"host {host!r}: Secure Boot is on and the driver would be built by DKMS "
@@ -153,6 +154,26 @@ def driver_plan(
             f"{branch} {flavour} from {source} ({plan.kernel_modules}): kept"
         )
     return dataclasses.replace(plan, remove=remove, unhold=found.held if remove else (), kept=kept)
+
+
+def _full_driver_for_headless(plan: DriverPlan, installed: list[str]) -> DriverPlan:
+    """Canonical's DKMS set is ``nvidia-headless-<b>-server[-open]``; a host installed with
+    the full ``nvidia-driver-<b>-server[-open]`` (as several clouds' GPU images ship it)
+    has every package of it without the headless metapackage itself: the full one depends
+    on nvidia-dkms, nvidia-kernel-source, nvidia-kernel-common and the same user space
+    directly (canonical/nvidia-graphics-drivers, 580-server, debian/control). It stands for
+    the headless one, so that a running, correct driver installs nothing and never reboots."""
+    if plan.source != "canonical" or plan.kernel_modules != "dkms":
+        return plan
+    suffix = "-server-open" if plan.flavour == "open" else "-server"
+    headless, full = (
+        f"nvidia-headless-{plan.branch}{suffix}",
+        f"nvidia-driver-{plan.branch}{suffix}",
+    )
+    if headless in installed or full not in installed:
+        return plan
+    packages = tuple(full if p == headless else p for p in plan.packages)
+    return dataclasses.replace(plan, packages=packages)
 
 
 def _packages(

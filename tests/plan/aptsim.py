@@ -1,13 +1,13 @@
 """Feed a planned apt transaction to apt's own resolver (``apt-get -s``) in a throwaway
 root, over a modelled package universe and the fake host's dpkg state.
 
-The universe (``fixtures/apt-universe-ubuntu-24.04.modelled.Packages``) is hand-made,
-modelled on the Depends/Conflicts/Replaces/Provides of Canonical's nvidia-graphics-drivers
--server packages and NVIDIA's repository packages (fixtures/README.md says what is modelled
-and what is not). The installed state is the fake host's ``dpkg -l`` lines, turned into a
-dpkg status file with each installed package's control fields from the universe and
-``hold`` for ``hi`` lines. A plan apt would refuse (a held package in the way, a conflict
-left unresolved) fails here.
+The universe (``fixtures/apt-universe-ubuntu-24.04.modelled.Packages``) carries the
+Depends/Conflicts/Replaces/Provides of Canonical's nvidia-graphics-drivers -server
+packages as Canonical's debian/control states them (fixtures/README.md cites the file and
+says what is modelled and what is not) and NVIDIA's repository packages. The installed
+state is the fake host's ``dpkg -l`` lines, turned into a dpkg status file with each
+installed package's control fields from the universe and ``hold`` for ``hi`` lines. A plan
+apt would refuse (a held package in the way, a conflict left unresolved) fails here.
 """
 
 from __future__ import annotations
@@ -74,6 +74,23 @@ class Simulation:
     def acts(self, verb: str) -> list[str]:
         """Package names of ``Inst``, ``Remv`` or ``Purg`` lines."""
         return sorted(re.findall(rf"^{verb} (\S+)", self.output, re.M))
+
+    def applied(self, dpkg_lines: str) -> str:
+        """The ``dpkg -l`` lines of the host once apt has done what it simulated: the
+        purged and removed packages gone, the installed ones there at the version apt
+        chose (``Inst name [old] (version ...)``), in the fixtures' columns."""
+        gone = set(self.acts("Purg")) | set(self.acts("Remv"))
+        added = dict(re.findall(r"^Inst (\S+) (?:\[\S+\] )?\((\S+)", self.output, re.M))
+        lines = []
+        for line in dpkg_lines.splitlines(True):
+            words = line.split()
+            name = words[1].split(":")[0] if len(words) > 1 else ""
+            if name in gone or name in added:
+                continue
+            lines.append(line)
+        for name, version in sorted(added.items()):
+            lines.append(f"ii  {name:<41} {version:<30} amd64        (applied)\n")
+        return "".join(lines)
 
 
 def simulate(root: Path, dpkg_lines: str, shell_command: str) -> Simulation:

@@ -168,6 +168,26 @@ def test_same_branch_from_canonicals_dkms_is_kept(secure_boot: bool) -> None:
     ]
 
 
+@pytest.mark.parametrize("persistence", [True, False], ids=["persistence-on", "persistence-off"])
+def test_the_full_metapackage_running_is_kept_without_a_package_or_a_reboot(
+    persistence: bool,
+) -> None:
+    """nvidia-driver-580-server-open as several clouds' GPU images ship it (DKMS, loaded; the
+    full metapackage depends on nvidia-dkms and the user space directly, without the
+    headless metapackage the toolkit installs itself): kept, whatever metapackage put it
+    there; no driver package, no reboot."""
+    assert "nvidia-headless-580-server-open" not in names(DKMS_580)
+    host = FakeHost(U, driver="foreign", stack=DKMS_580, loaded=LOADED_580, module_kind="dkms",
+                    persistence=persistence)  # fmt: skip
+    p = plan(host)
+    assert p.commands("NVIDIA driver 580 (open, dkms)") == ()
+    assert not p.has(MOVE_OP) and not p.has(REBOOT_OP)
+    decision = p.result.reboot
+    assert decision is not None and not decision.needed
+    installs = [c for op in p.ops for c in op.commands if " install " in c]
+    assert not [c for c in installs if "nvidia" in c], installs
+
+
 def test_same_branch_dkms_host_converged_plans_nothing() -> None:
     p = plan(converged(DKMS_580, LOADED_580, "dkms"))
     assert p.changes == []
@@ -177,20 +197,44 @@ def test_same_branch_dkms_to_precompiled_on_request_migrates_fully_and_reboots_o
     tmp_path: Path,
 ) -> None:
     p = plan(foreign(DKMS_580, LOADED_580, "dkms"), {"llama_driver_kernel_modules": "precompiled"})
-    removed = [
-        "nvidia-dkms-580-server-open",
-        "nvidia-driver-580-server-open",
-        "nvidia-headless-580-server-open",
-        "nvidia-kernel-source-580-server-open",
-    ]
+    # DKMS's own packages go; nvidia-kernel-source stays: nvidia-headless-no-dkms depends
+    # on it (canonical/nvidia-graphics-drivers, 580-server, debian/control).
+    removed = ["nvidia-dkms-580-server-open", "nvidia-driver-580-server-open"]
     assert move(p) == expected_move(canonical_set("580"), removed, [])
     reboots_once(p)
     sim = accepted(tmp_path, base_and(DKMS_580), move(p))
     assert sim.acts("Purg") == removed
     assert "nvidia-dkms-580-server-open" not in sim.acts("Inst")
-    # After the reboot: the precompiled set, held, runs: nothing to do.
-    rerun = plan(FakeHost(U, driver="current"), {"llama_driver_kernel_modules": "precompiled"})
+    # After the reboot, on the state the move leaves (derived from apt's answer, held):
+    # the precompiled set runs, nothing to do.
+    after = sim.applied(DKMS_580)
+    assert "nvidia-kernel-source-580-server-open" in names(after)
+    rerun = plan(
+        converged(after, LOADED_580, "precompiled"), {"llama_driver_kernel_modules": "precompiled"}
+    )
     assert rerun.changes == []
+
+
+def test_the_purge_of_nvidia_kernel_source_on_the_precompiled_path_is_what_apt_refuses(
+    tmp_path: Path,
+) -> None:
+    """The control: purging nvidia-kernel-source beside the precompiled set (what an earlier
+    classification planned on every rerun of a converged host) is refused by apt's resolver
+    over the control data's relations."""
+    after = aptsim.simulate(tmp_path / "a", base_and(DKMS_580), _move_to_precompiled())
+    state = after.applied(base_and(DKMS_580))
+    command = f"{APT}install --purge --allow-change-held-packages " + " ".join(
+        [*canonical_set("580"), "nvidia-kernel-source-580-server-open-"]
+    )
+    sim = aptsim.simulate(tmp_path / "b", state, command)
+    assert sim.rc != 0, sim.output
+    assert "nvidia-headless-no-dkms-580-server-open" in sim.output
+
+
+def _move_to_precompiled() -> str:
+    return move(
+        plan(foreign(DKMS_580, LOADED_580, "dkms"), {"llama_driver_kernel_modules": "precompiled"})
+    )
 
 
 # ---------------------------------------------------------------- another branch
@@ -211,7 +255,9 @@ def test_another_canonical_branch_is_replaced_in_one_transaction(
     sim = accepted(tmp_path, base_and(stack), move(p))
     assert sim.acts("Purg") == old
     assert set(canonical_set("580")) <= set(sim.acts("Inst"))
-    assert plan(FakeHost(U, driver="current")).changes == []  # the converged rerun
+    # The second run, over the state apt's answer leaves (held): nothing planned.
+    rerun = plan(converged(sim.applied(stack), LOADED_580, "precompiled"))
+    assert rerun.changes == []
 
 
 def test_held_packages_without_the_unhold_are_what_apt_refuses(tmp_path: Path) -> None:
@@ -230,13 +276,10 @@ def test_canonical_580_to_590_moves_held_packages_and_reboots_once(tmp_path: Pat
     reboots_once(p)
     sim = accepted(tmp_path, base_and(CURRENT_580), move(p))
     assert sim.acts("Purg") == old
-    stack_590 = (
-        CURRENT_580.replace("580.95.05-0ubuntu0.24.04.2", "590.44.01-0ubuntu0.24.04.1")
-        .replace("580.95.05", "590.44.01")
-        .replace("580-", "590-")
-    )
+    stack_590 = sim.applied(CURRENT_580.split("\n", 2)[2])
+    assert not [n for n in names(stack_590) if "580" in n]
     rerun = plan(
-        converged(stack_590.split("\n", 2)[2], LOADED_590, "precompiled"),
+        converged(stack_590, LOADED_590, "precompiled"),
         {"llama_driver_branch": "590"},
     )
     assert rerun.changes == []
@@ -248,6 +291,7 @@ def test_open_to_proprietary_moves_the_flavour_packages_only(tmp_path: Path) -> 
         f"linux-modules-nvidia-580-server-open-{K}",
         "linux-modules-nvidia-580-server-open-aws",
         "nvidia-headless-no-dkms-580-server-open",
+        "nvidia-kernel-source-580-server-open",  # the two flavours' sources conflict
     ]
     unhold = names(CURRENT_580, held_only=True)
     assert move(p) == expected_move(canonical_set("580", "-server"), old, unhold)
@@ -256,7 +300,9 @@ def test_open_to_proprietary_moves_the_flavour_packages_only(tmp_path: Path) -> 
     assert sim.acts("Purg") == sorted(old)
     # libnvidia-compute, nvidia-kernel-common, the firmware: shared by both flavours, kept.
     assert "libnvidia-compute-580-server" not in sim.acts("Purg")
-    proprietary = CURRENT_580.replace("-server-open", "-server").split("\n", 2)[2]
+    # The second run, over the state apt's answer leaves: nothing planned.
+    proprietary = sim.applied(CURRENT_580.split("\n", 2)[2])
+    assert "nvidia-kernel-source-580-server" in names(proprietary)
     rerun = plan(
         converged(proprietary, LOADED_580_PROP, "precompiled"),
         {"llama_driver_flavour": "proprietary"},

@@ -20,7 +20,9 @@ BAD_INPUT = [
     ("llama_profile=turbo", "llama_profile = 'turbo': must be one of: low-latency"),
     ("llama_micro_batch=8192", "llama_micro_batch = 8192: must be at most llama_batch (2048)"),
     ("llama_context=0", "llama_context = 0: must be an integer from 256"),
-    ("llama_port=70000", "llama_port = 70000: must be an integer from 1 to 65535"),
+    ("llama_port=70000", "llama_port = 70000: must be an integer from 1024 to 65535"),
+    # A privileged port: the unprivileged, capability-less server could not bind it.
+    ("llama_port=80", "llama_port = 80: must be from 1024 to 65535: llama-server runs as an"),
     ("llama_model_file=", "llama_model_file = '': must be a non-empty GGUF file name"),
     (
         "llama_alias=x\nExecStartPre=/bin/touch /pwned",

@@ -154,7 +154,7 @@ def bench_main(argv: list[str]) -> int:
     reports, failed = [], False
     for spec, wl, targets in plans:
         try:
-            tokenizer = a.tokenizer or str(tok.fetch(spec.cfg, REPO / ".cache"))
+            tokenizer = local_tokenizer(a.tokenizer) or str(tok.fetch(spec.cfg, REPO / ".cache"))
             key = run.read_key(spec.cfg, data[spec.name], a.key_file)
         except (run.BenchError, tok.TokenizerError, OSError) as e:
             print(f"FAILED {spec.name}: {e}")
@@ -167,16 +167,21 @@ def bench_main(argv: list[str]) -> int:
             f"{spec.name}: {wl.profile} ({wl.purpose}), levels "
             f"{', '.join(str(lv.concurrency) for lv in wl.levels)}, {url}"
         )
-        rep = run.run_host(
-            target,
-            wl,
-            targets,
-            aiperf=aiperf,
-            tokenizer=tokenizer,
-            out=out,
-            run_label=a.label,
-            timeout_s=a.timeout,
-        )
+        try:
+            rep = run.run_host(
+                target,
+                wl,
+                targets,
+                aiperf=aiperf,
+                tokenizer=tokenizer,
+                out=out,
+                run_label=a.label,
+                timeout_s=a.timeout,
+            )
+        except run.BenchError as e:
+            print(f"FAILED {spec.name}: {e}")
+            failed = True
+            continue
         reports.append(rep)
         print(report.summary(rep))
         failed = failed or any(lv["errors"] for lv in rep["levels"])
@@ -184,6 +189,11 @@ def bench_main(argv: list[str]) -> int:
         print_written(run.write_run(reports, out, aiperf))
     print(f"bench: {out}")
     return 1 if failed or not reports else 0
+
+
+def local_tokenizer(given: str | None) -> str | None:
+    """--tokenizer as an absolute path: aiperf runs in each level's directory."""
+    return str(Path(given).resolve()) if given else None
 
 
 def gateway_main(
@@ -198,6 +208,7 @@ def gateway_main(
     from llamahost.bench import run
     from llamahost.bench import tokenizer as tok
     from llamahost.bench.workload import DEFAULT_SEED, sweep
+    from llamahost.gateway import haproxy as hx
     from llamahost.gateway.clients import read_client_keys
     from llamahost.gateway.settings import GROUP, controller_file
 
@@ -217,10 +228,23 @@ def gateway_main(
     specs = [s for s in specs if s.serves]
     slots = sum(s.profile.parallel for s in specs)
     first = specs[0]
+    # One client key may hold only its share of the slots (llama_gateway_max_in_flight):
+    # the default sweep stops there; --concurrency past it measures the 429s.
+    share = hx.max_in_flight(
+        gw.gateway, [hx.Server(s.name, s.name, "", s.profile.parallel) for s in specs]
+    )
+    default = sweep(slots)
+    if share:
+        default = tuple(sorted({c for c in default if c <= share} | {share}))
+        if not levels:
+            print(
+                f"one client key may have {share} requests in flight on this gateway "
+                "(llama_gateway_max_in_flight): the sweep stops there"
+            )
     try:
         wl = workload_for(
             first.profile,
-            levels=levels or sweep(slots),
+            levels=levels or default,
             isl=a.isl,
             osl=a.osl,
             requests=a.requests,
@@ -241,7 +265,7 @@ def gateway_main(
                 print(f"REFUSED client={a.client!r}: not in the gateway's client keys file")
                 return 2
             key = chosen[0].token()
-        tokenizer = a.tokenizer or str(tok.fetch(first.cfg, REPO / ".cache"))
+        tokenizer = local_tokenizer(a.tokenizer) or str(tok.fetch(first.cfg, REPO / ".cache"))
     except (OSError, ValueError, tok.TokenizerError) as e:
         print(f"REFUSED {e}")
         return 2
@@ -261,8 +285,12 @@ def gateway_main(
         f"{target.host}: {len(specs)} hosts, {slots} slots, {wl.profile} ({wl.purpose}), "
         f"levels {', '.join(str(lv.concurrency) for lv in wl.levels)}, {url}"
     )
-    rep = run.run_host(target, wl, targets, aiperf=aiperf, tokenizer=tokenizer, out=out,
-                       run_label=a.label, timeout_s=a.timeout, sample_server=False)  # fmt: skip
+    try:
+        rep = run.run_host(target, wl, targets, aiperf=aiperf, tokenizer=tokenizer, out=out,
+                           run_label=a.label, timeout_s=a.timeout, sample_server=False)  # fmt: skip
+    except run.BenchError as e:
+        print(f"FAILED {target.host}: {e}")
+        return 1
     print(report.summary(rep))
     print_written(run.write_run([rep], out, aiperf))
     print(f"bench: {out}")
@@ -326,7 +354,7 @@ def tune_main(argv: list[str]) -> int:
     own = specs[0]
     try:
         aiperf = run.aiperf_path(a.aiperf)
-        tokenizer = a.tokenizer or str(tok.fetch(own.cfg, REPO / ".cache"))
+        tokenizer = local_tokenizer(a.tokenizer) or str(tok.fetch(own.cfg, REPO / ".cache"))
         key = run.read_key(own.cfg, data[host], a.key_file)
     except (run.BenchError, tok.TokenizerError, OSError) as e:
         print(f"REFUSED {e}")
@@ -357,9 +385,14 @@ def tune_main(argv: list[str]) -> int:
             targets = {**report.TARGETS.get(own.profile.name, report.TARGETS["balanced"]), **slo}
             url = a.url or f"http://{spec.address}:{spec.profile.port}"
             target = run.Target(host, url, spec.profile.alias, spec.cfg, key)
-            reports[c.label] = run.run_host(
-                target, wl, targets, aiperf=aiperf, tokenizer=tokenizer, out=d, run_label=c.label
-            )
+            try:
+                reports[c.label] = run.run_host(
+                    target, wl, targets, aiperf=aiperf, tokenizer=tokenizer, out=d,
+                    run_label=c.label,
+                )  # fmt: skip
+            except run.BenchError as e:
+                print(f"  bench failed: {e}")
+                continue
             report_paths.append(d / f"{host}.json")
     finally:
         # The restore must finish: a second Ctrl-C is ignored until it has.

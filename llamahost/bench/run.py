@@ -241,20 +241,39 @@ def run_level(
             cwd=d,
             start_new_session=True,
         )
+        timed_out = False
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             log.write(f"\nllamahost: aiperf stopped after {timeout_s:.0f} s\n")
             _stop_group(proc)
+            timed_out = True
         except BaseException:
             _stop_group(proc)
             gpu.finish()
             if sample_server:
                 sampler.finish()
             raise
+    if proc.returncode != 0 and not timed_out:
+        # aiperf that did not run (a tokenizer it cannot load, a bad option) is a failure
+        # of the bench, not a level with no requests.
+        gpu.finish()
+        if sample_server:
+            sampler.finish()
+        raise BenchError(
+            f"aiperf exited {proc.returncode} at concurrency {level.concurrency}: "
+            f"{_last_error(d / 'aiperf.log')} (its log: {d / 'aiperf.log'})"
+        )
     server = sampler.finish() if sample_server else metrics.summarise([])
     (d / "metrics-samples.json").write_text(json.dumps(sampler.samples) + "\n")
     return report.LevelResult(level, ap.read(d), server, gpu.finish())
+
+
+def _last_error(log: Path) -> str:
+    """The last line of aiperf's log that names an error, else its last line."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return (errors or lines or ["no output"])[-1][:300]
 
 
 def run_host(

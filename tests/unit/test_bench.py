@@ -733,3 +733,34 @@ def test_make_installs_the_pinned_aiperf_in_its_own_environment() -> None:
     ).stdout
     assert f"bin/pip install -q 'aiperf=={AIPERF_VERSION}'" in out
     assert ".cache/bench-venv" in out and ".venv/bin/pip" not in out
+
+
+def test_an_aiperf_that_does_not_run_fails_the_bench_naming_why(tmp_path: Path) -> None:
+    """aiperf exiting non-zero (here: a tokenizer it cannot load) is a failure with its own
+    error line and log, never a level of 0 requests and 0 errors reported as a success."""
+    fake = tmp_path / "aiperf"
+    fake.write_text(
+        "#!/bin/sh\necho 'starting'\n"
+        "echo \"TokenizerError: Failed to load tokenizer 'tok'\"\nexit 3\n"
+    )
+    fake.chmod(0o755)
+    spec = resolve_host("h", {"llama_profile": "cpu-demo"})
+    wl = workload_for(spec.profile, levels=(1,), isl=None, osl=None, requests=None, seed=1)
+    target = bench_run.Target("h", "http://127.0.0.1:9", "alias", spec.cfg, "k")
+    with pytest.raises(bench_run.BenchError) as e:
+        bench_run.run_level(target, wl, 0, aiperf=fake, tokenizer="tok", out=tmp_path,
+                            timeout_s=30, sample_server=False)  # fmt: skip
+    assert str(e.value).startswith(
+        "aiperf exited 3 at concurrency 1: TokenizerError: Failed to load tokenizer 'tok'"
+    )
+    assert str(tmp_path / "h" / "c1" / "aiperf.log") in str(e.value)
+
+
+def test_a_relative_tokenizer_is_given_to_aiperf_as_an_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llamahost.bench.cli import local_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    assert local_tokenizer(".cache/demo/tokenizer") == str(tmp_path / ".cache/demo/tokenizer")
+    assert local_tokenizer(None) is None

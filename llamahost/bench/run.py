@@ -254,9 +254,11 @@ def run_level(
             if sample_server:
                 sampler.finish()
             raise
-    if proc.returncode != 0 and not timed_out:
+    ran = (d / ap.RECORDS).exists() or (d / ap.SUMMARY).exists()
+    if proc.returncode != 0 and not timed_out and not ran:
         # aiperf that did not run (a tokenizer it cannot load, a bad option) is a failure
-        # of the bench, not a level with no requests.
+        # of the bench, not a level with no requests. One that ran and counted failed
+        # requests (a wrong key) exits non-zero too: its records are the level's figures.
         gpu.finish()
         if sample_server:
             sampler.finish()

@@ -764,3 +764,21 @@ def test_a_relative_tokenizer_is_given_to_aiperf_as_an_absolute_path(
     monkeypatch.chdir(tmp_path)
     assert local_tokenizer(".cache/demo/tokenizer") == str(tmp_path / ".cache/demo/tokenizer")
     assert local_tokenizer(None) is None
+
+
+def test_an_aiperf_that_ran_and_counted_failures_gives_the_level_its_figures(
+    tmp_path: Path,
+) -> None:
+    """aiperf exits non-zero when requests failed (a wrong key): that is a level with
+    errors, read from its records, not a bench that did not run."""
+    fake = tmp_path / "aiperf"
+    record = json.dumps({"metadata": {"benchmark_phase": "profiling"},
+                         "error": {"code": 401, "type": "Unauthorized"}})  # fmt: skip
+    fake.write_text(f"#!/bin/sh\necho '{record}' > {aiperf.RECORDS}\nexit 1\n")
+    fake.chmod(0o755)
+    spec = resolve_host("h", {"llama_profile": "cpu-demo"})
+    wl = workload_for(spec.profile, levels=(1,), isl=None, osl=None, requests=None, seed=1)
+    target = bench_run.Target("h", "http://127.0.0.1:9", "alias", spec.cfg, "k")
+    level = bench_run.run_level(target, wl, 0, aiperf=fake, tokenizer="tok", out=tmp_path,
+                                timeout_s=30, sample_server=False)  # fmt: skip
+    assert level.client.requests == 0 and level.client.errors == 1

@@ -132,11 +132,21 @@ def test_prometheus_listens_on_loopback_and_loaded_the_rules(
 ) -> None:
     args = mon.site.sh("cat /etc/default/prometheus")
     assert f"--web.listen-address=127.0.0.1:{mon.prometheus_port}" in args
-    loaded = {r["name"]: r for g in mon.api("rules")["groups"] for r in g["rules"]}
     doc = yaml.safe_load(RULES_FILE.read_text())
     expected = {r["alert"] for g in doc["groups"] for r in g["rules"]}
+
+    def rules() -> dict[str, Any]:
+        return {r["name"]: r for g in mon.api("rules")["groups"] for r in g["rules"]}
+
+    # A rule's health is "unknown" until its group's first evaluation after a (re)load:
+    # wait for every rule to have been evaluated, then each must be "ok".
+    wait_for(
+        "every rule evaluated", lambda: all(r["health"] != "unknown" for r in rules().values())
+    )
+    loaded = rules()
     assert set(loaded) == expected
-    assert all(r["health"] == "ok" for r in loaded.values())
+    bad = {n: (r["health"], r.get("lastError")) for n, r in loaded.items() if r["health"] != "ok"}
+    assert bad == {}
 
 
 def test_the_key_is_readable_by_prometheus_alone(mon: Monitoring, monitored: Run) -> None:

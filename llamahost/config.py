@@ -406,6 +406,14 @@ SETTINGS: tuple[Setting, ...] = (
         "`yarn`); flags the toolkit sets, secrets and `--sleep-idle-seconds` are refused.",
     ),
     Setting(
+        "instances",
+        "per-gpu",
+        either(choice("per-gpu"), integer(1, 16), "'per-gpu' or 1-16"),
+        "llama-servers on the host: `per-gpu`, one per GPU (one on a CPU or one-GPU host), "
+        "or a number; several are `llama-server@N` on ports `llama_port + N` "
+        "(see docs/instances.md).",
+    ),
+    Setting(
         "start_timeout",
         1800,
         integer(30, 86400),
@@ -488,6 +496,7 @@ class HostConfig:
     api_key: str | None
     api_key_file: str
     server_extra_args: tuple[str, ...]
+    instances: int | str
     start_timeout: int
 
     @property
@@ -541,6 +550,26 @@ def cross_checks(p: dict[str, Any], c: dict[str, Any]) -> list[FieldError]:
                 p["thinking_budget"],
                 "a thinking budget is a variable of the model's own (Jinja) template: set "
                 f"-1 with llama_chat_template {p['chat_template']!r}, or use 'embedded'",
+            )
+        )
+    n = c["instances"]
+    if isinstance(n, int) and n > 1 and p["device"] is not None and "," in p["device"]:
+        errs.append(
+            FieldError(
+                PREFIX + "instances",
+                n,
+                f"llama_device {p['device']!r} spreads one server over several GPUs; several "
+                "instances each take one GPU: set llama_instances 1 (or per-gpu) with a "
+                "device list, or a single llama_device with several instances",
+            )
+        )
+    if isinstance(n, int) and p["port"] + n - 1 > 65535:
+        errs.append(
+            FieldError(
+                PREFIX + "instances",
+                n,
+                f"instances take ports llama_port to llama_port + {n - 1}, past 65535 with "
+                f"llama_port {p['port']}: a lower llama_port or fewer instances",
             )
         )
     key = c["api_key_file"]

@@ -82,7 +82,7 @@ def allows(
     names = tuple(dict.fromkeys([*(g.name for g in gateways), *(m.name for m in scrapers)]))
     llama = Allow(
         "llama-server",
-        (spec.profile.port,),
+        tuple(x.port for x in spec.instances),
         tuple(sorted(set(gv4 + mv4))),
         tuple(sorted(set(gv6 + mv6))),
         names,

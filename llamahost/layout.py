@@ -140,6 +140,26 @@ FIREWALL_STAGED = f"{FIREWALL_DIR}/firewall.nft.staged"
 # A restart the deploy owes llama-server (its inputs changed, the restart has not yet run):
 # kept until it succeeds, so a rollout stopped midway resumes on the next run.
 RESTART_PENDING = "/var/lib/llamahost/llama-server.restart-pending"
+# A host with several llama-servers (llamahost/instances.py): the template unit, and each
+# instance's drop-in with what it has of its own.
+TEMPLATE_UNIT = "llama-server@.service"
+TEMPLATE_UNIT_PATH = f"{SYSTEMD_DIR}/{TEMPLATE_UNIT}"
+
+
+def instance_dropin_dir(unit: str) -> str:
+    return f"{SYSTEMD_DIR}/{unit}.d"
+
+
+def instance_dropin(unit: str) -> str:
+    return f"{instance_dropin_dir(unit)}/instance.conf"
+
+
+def restart_pending(unit: str) -> str:
+    """The restart the deploy owes one llama-server unit (RESTART_PENDING for the single
+    one)."""
+    return f"{parent(RESTART_PENDING)}/{unit.removesuffix('.service')}.restart-pending"
+
+
 # On a gateway: one empty file per server the deploy has drained and not yet put back, so
 # that a run that died midway is repaired by the next (tasks/gateway.repair_left_drained).
 GATEWAY_DRAINED_DIR = "/var/lib/llamahost/drained"

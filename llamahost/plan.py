@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 from llamahost import hub
+from llamahost import instances as inst
 from llamahost import lock as locks
 from llamahost.config import HostConfig, Profile
 from llamahost.memory import (
@@ -37,6 +38,8 @@ class HostPlan:
     shape_source: str
     problems: list[str] = field(default_factory=list)
     ladder: list[str] = field(default_factory=list)
+    instances: tuple[inst.Instance, ...] = ()
+    topology_known: bool = False  # the host's GPUs were read (else per-gpu counts one)
 
 
 def _estimate(m: ModelShape, cfg: HostConfig, p: Profile) -> Estimate:
@@ -100,15 +103,50 @@ def check_kv_pair(p: Profile) -> list[str]:
     return []
 
 
-def check_gpu_memory(cfg: HostConfig, reported_mib: tuple[int, ...]) -> list[str]:
-    """The plan's GPU memory against what nvidia-smi reports on a host with a driver."""
-    if not cfg.profile.uses_gpu or not reported_mib or min(reported_mib) >= cfg.gpu_memory_mib:
+def check_gpu_memory(
+    cfg: HostConfig,
+    reported_mib: tuple[int, ...],
+    instances: tuple[inst.Instance, ...] = (),
+    total_mib: int | None = None,
+) -> list[str]:
+    """The plan's GPU memory against what nvidia-smi reports on a host with a driver (each
+    GPU's memory.total, in its index order: the PCI bus order). With several instances,
+    each GPU on its own: its one instance's plan within its memory, or its ``k`` instances'
+    ``k`` times the plan's total (``total_mib``) within it; GPUs of different sizes are each
+    checked against their own."""
+    if not cfg.profile.uses_gpu or not reported_mib:
         return []
-    return [
-        f"llama_gpu_memory_mib = {cfg.gpu_memory_mib}: nvidia-smi reports "
-        f"{min(reported_mib)} MiB (memory.total); the plan assumed more memory than the GPU "
-        "has: set llama_gpu_memory_mib to it and run `make plan` again"
-    ]
+    groups = inst.per_gpu(instances)
+    if not groups:
+        if min(reported_mib) >= cfg.gpu_memory_mib:
+            return []
+        return [
+            f"llama_gpu_memory_mib = {cfg.gpu_memory_mib}: nvidia-smi reports "
+            f"{min(reported_mib)} MiB (memory.total); the plan assumed more memory than the "
+            "GPU has: set llama_gpu_memory_mib to it and run `make plan` again"
+        ]
+    out = []
+    for g, xs in sorted(groups.items()):
+        names = ", ".join(x.unit for x in xs)
+        if g >= len(reported_mib):
+            out.append(
+                f"{names} planned on GPU {g}, and nvidia-smi reports {len(reported_mib)} GPUs"
+            )
+            continue
+        have = reported_mib[g]
+        if len(xs) == 1 and have < cfg.gpu_memory_mib:
+            out.append(
+                f"llama_gpu_memory_mib = {cfg.gpu_memory_mib}: GPU {g} ({names}) has {have} "
+                "MiB (nvidia-smi memory.total); the plan assumed more: set "
+                "llama_gpu_memory_mib to the smallest GPU's and run `make plan` again"
+            )
+        elif len(xs) > 1 and total_mib is not None and len(xs) * total_mib > have:
+            out.append(
+                f"GPU {g} has {have} MiB (nvidia-smi memory.total) and {len(xs)} instances "
+                f"({names}) of {total_mib} MiB each ({len(xs) * total_mib} MiB): fewer "
+                "llama_instances, or a smaller profile (the plan's OOM ladder)"
+            )
+    return out
 
 
 _PARALLEL_STEPS = (8, 6, 4, 2, 1)
@@ -161,6 +199,7 @@ def plan_host(
     if spec.lock.entry is not None:
         shape, shape_source = ModelShape.from_dict(spec.lock.entry["shape"]), "lock"
     hp = HostPlan(cfg, shape, None, True, spec.lock.label, shape_source)
+    hp.instances, hp.topology_known = spec.instances, spec.topology is not None
     hp.problems += check_kv_pair(cfg.profile)
     if spec.lock.path is not None and spec.lock.entry is None:
         hp.problems.append(f"no lock entry for {locks.key(cfg)} in {spec.lock.path}")
@@ -267,9 +306,41 @@ def render(hp: HostPlan) -> str:
                     else f"DOES NOT FIT, {-head // MIB} MiB over"
                 ),
             ]
+    lines += instance_rows(hp)
     for prob in hp.problems:
         lines.append(f"  REFUSED: {prob}")
     if hp.ladder:
         lines.append("  the guide's OOM ladder, step by step:")
         lines += [f"    {s}" for s in hp.ladder]
     return "\n".join(lines)
+
+
+def instance_rows(hp: HostPlan) -> list[str]:
+    """One row per llama-server instance of a host with several (nothing for one); with
+    ``per-gpu`` and the host not read, how the deploy will count them."""
+    p = hp.cfg.profile
+    if hp.cfg.instances == inst.PER_GPU and p.uses_gpu and not hp.topology_known:
+        return [
+            "  instances: one per GPU (llama_instances per-gpu): counted by the deploy from "
+            "the host's sysfs, each planned against its own GPU's memory"
+        ]
+    if len(hp.instances) < 2:
+        return []
+    per = f"{hp.est.total_gpu // MIB} MiB" if hp.est is not None and p.uses_gpu else None
+    rows = [f"  instances: {len(hp.instances)} (llama_instances {hp.cfg.instances})"]
+    for x in hp.instances:
+        where = f"GPU {x.gpu}" if x.gpu is not None else "CPU"
+        pin = (
+            f", NUMA node {x.numa_node}, CPUs {inst.format_cpulist(x.cpus)}"
+            if x.numa_node is not None
+            else ""
+        )
+        if p.threads != "auto":
+            threads = f"{p.threads} threads"
+        elif x.cpus:
+            threads = f"{x.threads(True, 0, 0)} threads"
+        else:
+            threads = "<online CPUs>" + (f" / {x.share}" if x.share > 1 else "") + " threads"
+        plan = f", {per}" if per else ""
+        rows.append(f"    {x.unit:<26} port {x.port}  {where}{pin}, {threads}{plan}")
+    return rows

@@ -15,6 +15,7 @@ from typing import Any
 
 import jinja2
 
+from llamahost import instances as inst
 from llamahost import layout
 from llamahost.config import HostConfig, Profile
 from llamahost.spec import HostSpec
@@ -24,23 +25,32 @@ from llamahost.spec import HostSpec
 ONLINE_CPUS = "getconf NPROCESSORS_ONLN 2> /dev/null || getconf _NPROCESSORS_ONLN"
 
 
-def threads(profile: Profile, cpu_count: int) -> int:
-    return cpu_count if profile.threads == "auto" else int(profile.threads)
+SINGLE = inst.Instance(None, 0, None, None, (), 1)
 
 
-def server_args(cfg: HostConfig, cpu_count: int) -> list[str]:
-    """llama-server's arguments for a host, in the guide's order."""
+def threads(profile: Profile, cpu_count: int, instance: inst.Instance = SINGLE) -> int:
+    auto = profile.threads == "auto"
+    return instance.threads(auto, 0 if auto else int(profile.threads), cpu_count)
+
+
+def server_args(
+    cfg: HostConfig, cpu_count: int, instance: inst.Instance | None = None
+) -> list[str]:
+    """llama-server's arguments for a host (or one of its instances), in the guide's
+    order. An instance on a GPU of its own sees only that GPU: its device is CUDA0."""
     p = cfg.profile
+    x = instance or inst.Instance(None, p.port, None, None, (), 1)
+    device = "CUDA0" if x.gpu is not None and p.device is not None else p.device
     args = ["-m", cfg.model_path, "--alias", p.alias]
     if p.chat_template == "embedded":
         args += ["--jinja"]
     else:
         args += ["--no-jinja", "--chat-template", p.chat_template]
-    args += ["--host", p.host, "--port", str(p.port), "-fa", p.flash_attn]
+    args += ["--host", p.host, "--port", str(x.port), "-fa", p.flash_attn]
     if p.gpu_layers is not None:
         args += ["-ngl", str(p.gpu_layers)]
-    if p.device is not None:
-        args += ["--device", p.device]
+    if device is not None:
+        args += ["--device", device]
     args += ["--fit", "on" if p.fit else "off"]
     args += ["-c", str(p.context), "-b", str(p.batch), "-ub", str(p.micro_batch)]
     args += ["-ctk", p.kv_cache_type_k, "-ctv", p.kv_cache_type_v]
@@ -49,7 +59,7 @@ def server_args(cfg: HostConfig, cpu_count: int) -> list[str]:
         args += ["--kv-unified"]
     if p.cache_reuse:
         args += ["--cache-reuse", str(p.cache_reuse)]
-    args += ["--threads", str(threads(p, cpu_count)), "--threads-http", str(p.threads_http)]
+    args += ["--threads", str(threads(p, cpu_count, x)), "--threads-http", str(p.threads_http)]
     if p.metrics:
         args += ["--metrics"]
     args += ["--slots" if p.slots else "--no-slots"]
@@ -91,7 +101,7 @@ def exec_line(binary: str, args: list[str]) -> str:
     return " ".join(systemd_quote(a) for a in [binary, *args])
 
 
-def health_url(cfg: HostConfig) -> str:
+def health_url(cfg: HostConfig, port: int | None = None) -> str:
     """Where the unit's start check asks: the listen address, or loopback for 'all'."""
     h = cfg.profile.host
     if h == "0.0.0.0":  # noqa: S104  (a comparison, not a bind)
@@ -100,7 +110,7 @@ def health_url(cfg: HostConfig) -> str:
         h = "::1"
     if ":" in h:
         h = f"[{h}]"
-    return f"http://{h}:{cfg.profile.port}/health"
+    return f"http://{h}:{port or cfg.profile.port}/health"
 
 
 # ---------------------------------------------------------------- templates
@@ -139,25 +149,53 @@ def gpu_ordering(uses_gpu: bool) -> tuple[str, ...]:
     return (f"After={layout.PERSISTENCED_UNIT}", f"Wants={layout.PERSISTENCED_UNIT}")
 
 
-def server_command(cfg: HostConfig, cpu_count: int) -> list[str]:
+def server_command(
+    cfg: HostConfig, cpu_count: int, instance: inst.Instance | None = None
+) -> list[str]:
     """The unit's whole command: the `current` binary and its arguments."""
-    return [layout.server_binary(cfg.cpp_prefix), *server_args(cfg, cpu_count)]
+    return [layout.server_binary(cfg.cpp_prefix), *server_args(cfg, cpu_count, instance)]
 
 
 def unit(spec: HostSpec, cpu_count: int) -> str:
-    """/etc/systemd/system/llama-server.service for a host."""
+    """/etc/systemd/system/llama-server.service for a host with one llama-server, or
+    llama-server@.service, the template of a host with several (each instance's own lines
+    are its drop-in: ``instance_dropin``)."""
     cfg = spec.cfg
     pinned = ["--sha256", cfg.model_sha256] if cfg.model_sha256 else []
+    single = len(spec.instances) == 1
     return template(
         "llama-server.service.j2",
         cfg=cfg,
+        instanced=not single,
         gpu_unit_lines=gpu_ordering(spec.uses_gpu),
         model_check=exec_line(
             "/usr/bin/python3",
             [layout.FETCH_SCRIPT, "--check", "--dest", cfg.model_path, *pinned],
         ),
-        exec_start=exec_line(layout.server_binary(cfg.cpp_prefix), server_args(cfg, cpu_count)),
-        health_check=exec_line("/usr/bin/python3", [layout.HEALTH_SCRIPT, health_url(cfg)]),
+        exec_start=exec_line(layout.server_binary(cfg.cpp_prefix), server_args(cfg, cpu_count))
+        if single
+        else "",
+        health_check=exec_line("/usr/bin/python3", [layout.HEALTH_SCRIPT, health_url(cfg)])
+        if single
+        else "",
+    )
+
+
+def instance_dropin(spec: HostSpec, instance: inst.Instance, cpu_count: int) -> str:
+    """llama-server@N.service.d/instance.conf: what one instance of several has of its own
+    (llamahost/instances.py)."""
+    cfg = spec.cfg
+    return template(
+        "llama-server-instance.conf.j2",
+        cfg=cfg,
+        x=instance,
+        cpulist=inst.format_cpulist(instance.cpus),
+        exec_start=exec_line(
+            layout.server_binary(cfg.cpp_prefix), server_args(cfg, cpu_count, instance)
+        ),
+        health_check=exec_line(
+            "/usr/bin/python3", [layout.HEALTH_SCRIPT, health_url(cfg, instance.port)]
+        ),
     )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llamahost import instances as inst
 from llamahost import lock as locks
 from llamahost import ports
 from llamahost.checks import PREFIX, ConfigError, FieldError, Setting, check_rows
@@ -70,6 +71,24 @@ class HostSpec:
     # llama_firewall set false on a served host of an inventory with a `gateway` group: its
     # llama port stays open to the network, and the run says so.
     firewall_declined: bool = False
+    # The GPUs and NUMA nodes the host's sysfs shows (tasks/instances.py), once read; None
+    # where the host was not asked (`plan` offline): `per-gpu` then counts one instance.
+    topology: inst.Topology | None = None
+
+    @property
+    def instances(self) -> tuple[inst.Instance, ...]:
+        """Its llama-servers (llamahost/instances.py): one, or several on a GPU host
+        (``per-gpu``) or as ``llama_instances`` says; none on a host that serves none."""
+        if not self.serves:
+            return ()
+        p = self.cfg.profile
+        return inst.layout(
+            self.cfg.instances,
+            port=p.port,
+            uses_gpu=p.uses_gpu,
+            device=p.device,
+            topology=self.topology,
+        )
 
     @property
     def serves(self) -> bool:
@@ -169,6 +188,7 @@ def _apply_lock(cfg: HostConfig, errors: list[FieldError]) -> tuple[HostConfig, 
 
 
 def listeners(
+    served: Sequence[inst.Instance],
     cfg: HostConfig,
     gateway: GatewayConfig,
     mon: MonitoringConfig,
@@ -180,8 +200,9 @@ def listeners(
     """Every TCP listener the deploy puts on this host (the gateway's per-host proxies are
     unix sockets), in the order a clash is reported."""
     out = []
-    if gateway.serve:
-        out.append(ports.Listener("port", "llama-server", cfg.profile.host, cfg.profile.port))
+    for x in served:
+        what = "llama-server" if x.index is None else f"llama-server instance {x.index}"
+        out.append(ports.Listener("port", what, cfg.profile.host, x.port))
     if is_gateway:
         out.append(
             ports.Listener(
@@ -264,8 +285,16 @@ def resolve_host(
         )
     if monitored and gateway.serve:
         errors += _monitored_checks(cfg, monitoring)
+    layout = inst.layout(
+        cfg.instances,
+        port=cfg.profile.port,
+        uses_gpu=cfg.profile.uses_gpu,
+        device=cfg.profile.device,
+        topology=None,
+    )
     errors += ports.clashes(
         listeners(
+            layout if gateway.serve else (),
             cfg,
             gateway,
             monitoring,
@@ -293,6 +322,33 @@ def resolve_host(
         is_gateway=is_gateway,
         is_monitoring=is_monitoring,
         firewall_declined=declined,
+    )
+
+
+def port_errors(spec: HostSpec) -> list[FieldError]:
+    """The host's port plan with its instances as the host's GPUs make them (a ``per-gpu``
+    host's count is known once its topology is read)."""
+    last = spec.instances[-1] if spec.instances else None
+    if last is not None and last.port > 65535:
+        return [
+            FieldError(
+                PREFIX + "port",
+                spec.profile.port,
+                f"the host's {len(spec.instances)} instances (llama_instances "
+                f"{spec.cfg.instances!r}) take ports up to {last.port}, past 65535: a lower "
+                "llama_port",
+            )
+        ]
+    return ports.clashes(
+        listeners(
+            spec.instances,
+            spec.cfg,
+            spec.gateway,
+            spec.monitoring,
+            monitored=spec.monitored,
+            is_gateway=spec.is_gateway,
+            is_monitoring=spec.is_monitoring,
+        )
     )
 
 

@@ -10,7 +10,7 @@ import shlex
 
 from pyinfra.api.facts import FactBase
 
-from llamahost import gpu
+from llamahost import gpu, instances
 from llamahost.render import ONLINE_CPUS
 
 
@@ -57,6 +57,25 @@ class NvidiaPci(_Lines):
             '[ "$(cat "$d/vendor" 2>/dev/null)" = 0x10de ] && '
             'echo "${d##*/} $(cut -c3-6 "$d/class"): 10de:$(cut -c3-6 "$d/device")"; '
             "done; true; fi"
+        )
+
+
+class GpuTopology(_Lines):
+    """The NVIDIA GPUs in PCI bus order with their NUMA node and CPU list, and the number of
+    NUMA nodes, from sysfs (llamahost.instances.parse_topology)."""
+
+    def command(self) -> str:
+        return instances.TOPOLOGY_COMMAND
+
+
+class LlamaUnitFiles(_Lines):
+    """The llama-server unit files and instance drop-in directories installed."""
+
+    def command(self) -> str:
+        return (
+            "cd /etc/systemd/system 2>/dev/null && "
+            "ls -d llama-server.service llama-server@*.service llama-server@*.service.d "
+            "2>/dev/null; true"
         )
 
 

@@ -16,10 +16,12 @@ from llamahost import distro, layout
 from llamahost.checks import ConfigError
 from llamahost.fleet import inventory_specs
 from llamahost.gateway.settings import GROUP as GATEWAY
+from llamahost.memory import MIB
 from llamahost.monitoring.settings import GROUP
-from llamahost.plan import check_gpu_memory, plan_for, render
-from llamahost.spec import HostSpec, resolve_host
+from llamahost.plan import check_gpu_memory, instance_rows, plan_for, render
+from llamahost.spec import HostSpec, port_errors, resolve_host
 from tasks.facts import OnlineCpus, OsRelease
+from tasks.instances import resolved
 
 
 def refuse(message: str) -> PyinfraError:
@@ -53,18 +55,21 @@ def inventory_specs_or_refuse() -> list[HostSpec]:
 
 def served_specs() -> list[HostSpec]:
     """Every host of the inventory that serves a llama-server (what gateways balance,
-    Prometheus scrapes, firewalls protect)."""
-    return [s for s in inventory_specs_or_refuse() if s.serves]
+    Prometheus scrapes, firewalls protect), with its instances as its GPUs make them."""
+    return [resolved(s) for s in inventory_specs_or_refuse() if s.serves]
 
 
 def host_spec() -> HostSpec:
     """The host's spec, planned: a bad value, a check across hosts that fails (the same as
     `plan`'s: a firewall with no gateway, a drain shorter than the gateways' server timeout)
     or a plan that does not fit stops the run."""
-    spec = validated_spec()
+    spec = resolved(validated_spec())
     inventory_specs_or_refuse()
     if not spec.serves:  # nothing to plan: no model, no llama-server
         return spec
+    clashes = port_errors(spec)  # with the instances the host's GPUs make
+    if clashes:
+        raise refuse(str(ConfigError(host.name, clashes)))
     hp = plan_for(spec)
     if not hp.fits:
         reasons = "".join(f"\n  {p}" for p in hp.problems) or "\n  it does not fit the GPU"
@@ -74,6 +79,9 @@ def host_spec() -> HostSpec:
         )
     if hp.est is None:
         logger.warning(f"[{host.name}] no model metadata: memory not planned ({hp.shape_source})")
+    rows = instance_rows(hp)
+    if rows:
+        logger.info(f"{host.print_prefix}llama-server instances:\n" + "\n".join(rows[1:]))
     return spec
 
 
@@ -114,8 +122,11 @@ def distribution() -> distro.Distribution:
 
 def profile_matches_hardware(spec: HostSpec, gpu_path: bool, memory_mib: tuple[int, ...]) -> None:
     """A GPU profile on a host where the GPU path is not taken would fail to start; a plan
-    made for more GPU memory than nvidia-smi reports would run out of it."""
-    problems = check_gpu_memory(spec.cfg, memory_mib)
+    made for more GPU memory than nvidia-smi reports would run out of it (each GPU on its
+    own, with the instances it holds)."""
+    hp = plan_for(spec) if spec.uses_gpu and len(spec.instances) > 1 else None
+    total = hp.est.total_gpu // MIB if hp is not None and hp.est is not None else None
+    problems = check_gpu_memory(spec.cfg, memory_mib, spec.instances, total)
     if problems:
         raise refuse(f"host {host.name!r}: {problems[0]} (nothing was changed)")
     if spec.uses_gpu and not gpu_path:

@@ -28,6 +28,7 @@ succeeds, so the next run resumes the rollout even though the files it changed a
 
 from __future__ import annotations
 
+import functools
 import shlex
 import sys
 import time
@@ -48,6 +49,7 @@ from pyinfra.operations import files, python
 from llamahost import layout
 from llamahost.gateway import haproxy as hx
 from llamahost.gateway.settings import GROUP
+from llamahost.instances import Instance
 from llamahost.monitoring import scrape
 from llamahost.monitoring.settings import GROUP as MONITORING_GROUP
 from llamahost.spec import HostSpec
@@ -99,19 +101,22 @@ def refuse_unbounded() -> None:
 class Follow:
     """What the gateways and monitoring hosts must learn about a host while it is out."""
 
-    server: str  # its HAProxy server name
-    backends: dict[str, hx.Server]  # gateway → the host as that gateway reaches it
+    server: str  # its HAProxy server name (the host's, or host:N for an instance)
+    backends: dict[str, hx.Server]  # gateway → the server as that gateway reaches it
     key_file: str  # its API key file on the host (read after the change)
     supplied_key: secret.Secret | None  # or the key the inventory supplies
     monitoring: dict[str, str]  # monitoring host → its credentials file for this host
 
 
-def follow_of(spec: HostSpec) -> Follow:
-    """Planned on the served host: how each gateway reaches it, and where each monitoring
-    host keeps its key."""
+def follow_of(spec: HostSpec, instance: Instance) -> Follow:
+    """Planned on the served host: how each gateway reaches this llama-server of it, and
+    where each monitoring host keeps the host's key."""
+    server = instance.server(hx.server_name(spec.name))
     return Follow(
-        server=hx.server_name(spec.name),
-        backends={g: hx.servers(g, [spec])[0] for g in gateways()},
+        server=server,
+        backends={
+            g: next(b for b in hx.servers(g, [spec]) if b.name == server) for g in gateways()
+        },
         key_file=spec.cfg.api_key_file,
         supplied_key=None if spec.cfg.api_key is None else secret.Secret(spec.cfg.api_key),
         monitoring={m: scrape.key_file(spec.name) for m in monitoring_hosts()},
@@ -120,13 +125,18 @@ def follow_of(spec: HostSpec) -> Follow:
 
 def restart(
     spec: HostSpec,
+    instance: Instance,
     changes: Sequence[OperationMeta],
     started: OperationMeta,
     max_unavailable: int,
 ) -> None:
-    """Restart llama-server through the gateways when any of ``changes`` changed (or an
-    earlier run owes it), unless this run started it."""
-    owed = bool(host.get_fact(File, path=layout.RESTART_PENDING))
+    """Restart one llama-server of the host through the gateways when any of ``changes``
+    changed (or an earlier run owes it), unless this run started it. A host's instances
+    are restarted one after the other (one operation each), so never two of them out
+    because of this run."""
+    unit = instance.unit
+    pending = layout.restart_pending(unit)
+    owed = bool(host.get_fact(File, path=pending))
 
     def changed() -> bool:
         return any(op.did_change() for op in changes)
@@ -134,17 +144,17 @@ def restart(
     files.directory(name="llamahost state directory", path=layout.parent(layout.RESTART_PENDING),
                     user="root", group="root", mode="0755")  # fmt: skip
     files.file(
-        name="Record that llama-server owes a restart",
-        path=layout.RESTART_PENDING,
+        name=f"Record that {unit} owes a restart",
+        path=pending,
         present=True,
         _if=lambda: changed() and not started.did_change(),
     )
     python.call(
-        name="Restart llama-server through the gateways (drain, restart, follow, ready)",
+        name=f"Restart {unit} through the gateways (drain, restart, follow, ready)",
         function=drained,
-        action=_restart,
+        action=functools.partial(_restart, unit=unit),
         what="restart",
-        follow=follow_of(spec),
+        follow=follow_of(spec, instance),
         gateway_names=gateways(),
         drain_timeout=spec.gateway.rolling_drain_timeout,
         max_unavailable=max_unavailable,
@@ -152,10 +162,28 @@ def restart(
         _parallel=max_unavailable,
     )
     files.file(
-        name="A fresh start owes no restart",
-        path=layout.RESTART_PENDING,
+        name=f"A fresh start of {unit} owes no restart",
+        path=pending,
         present=False,
         _if=started.did_change,
+    )
+
+
+def retire(spec: HostSpec, unit: str, server: str, max_unavailable: int) -> None:
+    """Stop a llama-server the host's new layout no longer has (another instance count):
+    drained on the gateways first, then stopped and disabled; it stays drained there until
+    the gateways' next reload (this run's step 9) removes it."""
+    python.call(
+        name=f"Retire {unit} through the gateways (drain, stop)",
+        function=drained,
+        action=functools.partial(_stop, unit=unit),
+        what="retire",
+        follow=Follow(server, {}, spec.cfg.api_key_file, None, {}),
+        gateway_names=gateways(),
+        drain_timeout=spec.gateway.rolling_drain_timeout,
+        max_unavailable=max_unavailable,
+        retire=True,
+        _parallel=max_unavailable,
     )
 
 
@@ -222,9 +250,14 @@ def drained(
     gateway_names: list[str],
     drain_timeout: int,
     max_unavailable: int,
+    retire: bool = False,
+    together: frozenset[str] = frozenset(),
 ) -> bool:
     """Take ``host`` out of every gateway's rotation, run ``action`` (the restart or the
-    reboot), let the gateways and monitoring hosts follow it, and put it back."""
+    reboot), let the gateways and monitoring hosts follow it, and put it back. ``retire``:
+    a server that goes away (stopped by ``action``): drained, and left so. ``together``:
+    the host's other servers, out with this one (a reboot), counted as one toward the
+    bound."""
     say = f"[{host.name}]"
     run = id(state)
     server = follow.server
@@ -255,7 +288,7 @@ def drained(
                     "cannot be drained there (nothing was drained)"
                 )
             views[gw.name] = view
-        room, out = hx.may_go_out(server, views, ours, max_unavailable)
+        room, out = hx.may_go_out(server, views, ours, max_unavailable, together)
         if room:
             break
         if time.monotonic() > deadline:
@@ -266,7 +299,9 @@ def drained(
         time.sleep(1)
     ours.add(server)
     try:
-        return _out_and_back(state, host, action, what, follow, gws, views, drain_timeout, stop)
+        return _out_and_back(
+            state, host, action, what, follow, gws, views, drain_timeout, stop, retire
+        )
     finally:
         ours.discard(server)
 
@@ -281,6 +316,7 @@ def _out_and_back(
     views: dict[str, dict[str, hx.ServerStat]],
     drain_timeout: int,
     stop: Callable[[str], bool],
+    retire: bool = False,
 ) -> bool:
     say = f"[{host.name}]"
     server = follow.server
@@ -347,6 +383,12 @@ def _out_and_back(
             f"did not come back after its {what}; it stays out of rotation (the next run "
             f"puts it back first). {why}"
         )
+    if retire:
+        # Gone: drained until the gateways' reload removes it; no marker to put it back.
+        for gw in out_on:
+            run(state, gw, f"rm -f {shlex.quote(marker(server))}")
+        logger.info(f"{say} {server} retired (drained, stopped)")
+        return True
 
     # 5. The gateways and monitoring hosts follow the host as it now is.
     followed, why = _follow(state, host, follow, out_on)
@@ -448,14 +490,25 @@ def _write_map_entry(state: State, gw: Host, server: str, key: str) -> tuple[boo
 
 
 # ---------------------------------------------------------------- actions
-def _restart(state: State, host: Host) -> tuple[bool, str]:
-    """Restart llama-server; the unit's ExecStartPost waits for /health 200."""
-    ok, _ = run(state, host, f"systemctl restart {layout.UNIT}")
+def _restart(state: State, host: Host, unit: str = layout.UNIT) -> tuple[bool, str]:
+    """Restart a llama-server unit; its ExecStartPost waits for /health 200."""
+    ok, _ = run(state, host, f"systemctl restart {shlex.quote(unit)}")
     if ok:
-        run(state, host, f"rm -f {layout.RESTART_PENDING}")
+        run(state, host, f"rm -f {shlex.quote(layout.restart_pending(unit))}")
         return True, ""
-    _, journal = run(state, host, f"journalctl -u {layout.UNIT} -n 25 --no-pager -o cat")
+    _, journal = run(state, host, f"journalctl -u {shlex.quote(unit)} -n 25 --no-pager -o cat")
     return False, f"Its journal:\n{journal}"
+
+
+def _stop(state: State, host: Host, unit: str) -> tuple[bool, str]:
+    """Stop and disable a llama-server unit that the host's layout no longer has."""
+    u, pending = shlex.quote(unit), shlex.quote(layout.restart_pending(unit))
+    command = (
+        f"systemctl disable --now {u} && systemctl reset-failed {u}; rm -f {pending}; "
+        f"! systemctl -q is-active {u}"
+    )
+    ok, out = run(state, host, command)
+    return ok, "" if ok else f"it could not be stopped: {out.strip()}"
 
 
 REBOOT_DELAY_S = 10  # before the first reconnection attempt
@@ -464,18 +517,42 @@ REBOOT_DELAY_S = 10  # before the first reconnection attempt
 def reboot(spec: HostSpec, reasons: str, reboot_timeout: int, max_unavailable: int) -> None:
     """A reboot through the same gate as a restart: drained on every gateway first, at
     most ``max_unavailable`` hosts out at once (counting those already out), back in
-    rotation once llama-server answers again."""
-    python.call(
-        name=f"Reboot into the NVIDIA driver, drained on the gateways: {reasons}",
-        function=drained,
-        action=lambda state, host: _reboot(state, host, reboot_timeout),
+    rotation once llama-server answers again. A host with several instances has every one
+    drained before it reboots (each gate inside the previous one's action), the host's
+    servers counted as one toward the bound."""
+    follows = [follow_of(spec, x) for x in spec.instances]
+    together = frozenset(f.server for f in follows)
+    gate = functools.partial(
+        drained,
         what="reboot",
-        follow=follow_of(spec),
         gateway_names=gateways(),
         drain_timeout=spec.gateway.rolling_drain_timeout,
         max_unavailable=max_unavailable,
+        together=together,
+    )
+    action: Callable[[State, Host], tuple[bool, str]] = functools.partial(
+        _reboot, reboot_timeout=reboot_timeout, units=tuple(x.unit for x in spec.instances)
+    )
+    for f in reversed(follows[1:]):
+        action = functools.partial(_inner_gate, gate=gate, action=action, follow=f)
+    python.call(
+        name=f"Reboot into the NVIDIA driver, drained on the gateways: {reasons}",
+        function=gate,
+        action=action,
+        follow=follows[0],
         _parallel=max_unavailable,
     )
+
+
+def _inner_gate(
+    state: State,
+    host: Host,
+    gate: Callable[..., bool],
+    action: Callable[[State, Host], tuple[bool, str]],
+    follow: Follow,
+) -> tuple[bool, str]:
+    ok = gate(state, host, action=action, follow=follow)
+    return ok, "" if ok else f"{follow.server} did not come back (above)"
 
 
 def _uptime(state: State, target: Host) -> float | None:
@@ -486,7 +563,9 @@ def _uptime(state: State, target: Host) -> float | None:
         return None
 
 
-def _reboot(state: State, target: Host, reboot_timeout: int) -> tuple[bool, str]:
+def _reboot(
+    state: State, target: Host, reboot_timeout: int, units: tuple[str, ...] = (layout.UNIT,)
+) -> tuple[bool, str]:
     """As pyinfra's server.reboot (detached reboot, reconnect, uptime lower than before),
     then llama-server active again (its ExecStartPost waits for /health 200)."""
     from pyinfra.connectors.util import clear_askpass_cache, remove_any_sudo_askpass_file
@@ -510,14 +589,15 @@ def _reboot(state: State, target: Host, reboot_timeout: int) -> tuple[bool, str]
             return False, f"it did not come back within {reboot_timeout} s of the reboot"
         time.sleep(1)
     clear_askpass_cache(target)
-    unit = shlex.quote(layout.UNIT)
-    wait = (
-        f"systemctl is-enabled --quiet {unit} || exit 0; "
-        f"for i in $(seq {reboot_timeout}); do systemctl is-active --quiet {unit} && exit 0; "
-        f"sleep 1; done; exit 1"
-    )
-    ok, _ = run(state, target, wait)
-    if not ok:
-        _, journal = run(state, target, f"journalctl -u {unit} -b -n 25 --no-pager -o cat")
-        return False, f"llama-server is not active after the reboot. Its journal:\n{journal}"
+    for name in units:
+        unit = shlex.quote(name)
+        wait = (
+            f"systemctl is-enabled --quiet {unit} || exit 0; "
+            f"for i in $(seq {reboot_timeout}); do systemctl is-active --quiet {unit} && "
+            "exit 0; sleep 1; done; exit 1"
+        )
+        ok, _ = run(state, target, wait)
+        if not ok:
+            _, journal = run(state, target, f"journalctl -u {unit} -b -n 25 --no-pager -o cat")
+            return False, f"{name} is not active after the reboot. Its journal:\n{journal}"
     return True, ""

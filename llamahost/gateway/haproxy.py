@@ -53,16 +53,18 @@ def _reach(gateway: str, spec: HostSpec) -> str:
 
 
 def servers(gateway: str, served: Iterable[HostSpec]) -> list[Server]:
-    """The backend servers of ``gateway``, in inventory order; a gateway with none is
+    """The backend servers of ``gateway``, in inventory order: one per llama-server, so a
+    host with several instances is several servers (``host:N``); a gateway with none is
     refused."""
     out = [
         Server(
             host=s.name,
-            name=server_name(s.name),
-            address=hostport(_reach(gateway, s), s.profile.port),
+            name=x.server(server_name(s.name)),
+            address=hostport(_reach(gateway, s), x.port),
             maxconn=s.profile.parallel,
         )
         for s in served
+        for x in s.instances
     ]
     if not out:
         raise ConfigError(
@@ -295,13 +297,16 @@ def may_go_out(
     views: dict[str, dict[str, ServerStat]],
     ours: set[str],
     max_unavailable: int,
+    together: Iterable[str] = (),
 ) -> tuple[bool, list[str]]:
     """Whether ``server`` may be taken out of rotation now without more than
     ``max_unavailable`` servers out at once, counting the servers any gateway sees out
-    (DOWN, MAINT, DRAIN, ...) and those this run has taken out (``ours``). Returns the
-    decision and the servers counted as out."""
+    (DOWN, MAINT, DRAIN, ...) and those this run has taken out (``ours``). ``together``:
+    servers that go out with this one (the instances of a host that reboots), counted as
+    one with it. Returns the decision and the servers counted as out."""
     out = set(ours)
     for stats in views.values():
         out |= set(out_of_rotation(stats))
     out.discard(server)
+    out -= set(together)
     return len(out) < max_unavailable, sorted(out)

@@ -36,17 +36,20 @@ class ServedHost:
 
     name: str
     address: str  # how other hosts reach it
-    port: int  # llama-server's --port
+    port: int  # llama-server's --port (its first instance's)
     listen: str  # llama-server's --host
     uses_gpu: bool
     metrics: bool
     exporter_host: str
     node_exporter_port: int
     gpu_exporter_port: int
+    # Its instances as (index, port, GPU): ((None, port, None),) for a single llama-server.
+    instances: tuple[tuple[int | None, int, int | None], ...] = ()
 
 
 def served_host(spec: HostSpec) -> ServedHost:
     return ServedHost(
+        instances=tuple((x.index, x.port, x.gpu) for x in spec.instances),
         name=spec.name,
         address=spec.address,
         port=spec.profile.port,
@@ -60,12 +63,22 @@ def served_host(spec: HostSpec) -> ServedHost:
 
 
 @dataclass(frozen=True)
+class Instance:
+    """One llama-server instance of a host with several: its labels beside ``host``."""
+
+    llama: str  # host:port
+    index: int  # the `llama_instance` label
+    gpu: int | None  # the `gpu` label (its GPU's index, as nvidia-smi numbers it)
+
+
+@dataclass(frozen=True)
 class Target:
     host: str  # inventory name: the `host` label
-    llama: str  # host:port of llama-server
+    llama: str  # host:port of llama-server (its first instance's)
     node: str  # host:port of the node exporter
     gpu: str | None  # host:port of the GPU exporter, GPU hosts only
     key_file: str  # the credentials file on the monitoring host
+    instances: tuple[Instance, ...] = ()  # a host with several llama-servers: each one
 
 
 def _reach(monitoring_host: str, s: ServedHost, listen: str, what: str, key: str) -> str:
@@ -92,9 +105,13 @@ def targets(monitoring_host: str, served: Iterable[ServedHost]) -> list[Target]:
             "the exporters",
             PREFIX + "monitoring_exporter_host",
         )
+        several = tuple(
+            Instance(hostport(llama, port), i, g) for i, port, g in s.instances if i is not None
+        )
         out.append(
             Target(
                 host=s.name,
+                instances=several,
                 llama=hostport(llama, s.port),
                 node=hostport(exp, s.node_exporter_port),
                 gpu=hostport(exp, s.gpu_exporter_port) if s.uses_gpu else None,

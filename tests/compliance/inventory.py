@@ -86,11 +86,15 @@ class Target:
     def api_base(self) -> str:
         """Where the controller reaches llama-server: its listen address when that is one
         address, else the address SSH reaches the host at."""
+        return self.api_base_at(self.cfg.profile.port)
+
+    def api_base_at(self, port: int) -> str:
+        """The same, for the llama-server (instance) on ``port``."""
         listen = ipaddress.ip_address(self.cfg.profile.host)
         host = self.ssh_hostname if listen.is_unspecified else str(listen)
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.cfg.profile.port}"
+        return f"http://{host}:{port}"
 
 
 def load(inventory: str) -> list[Target]:

@@ -8,6 +8,7 @@ reads it from the host too (--threads auto).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import ipaddress
@@ -18,8 +19,9 @@ from typing import Any
 
 import requests
 
-from llamahost.layout import UNIT
+from llamahost import instances as inst
 from llamahost.render import ONLINE_CPUS, server_command
+from llamahost.spec import HostSpec
 from tests.compliance.inventory import Target
 
 HTTP_TIMEOUT = 30  # seconds for one request; a chat of 4 tokens on a loaded server
@@ -58,21 +60,59 @@ class Http:
 
 
 class Server:
-    def __init__(self, target: Target, host: Any):
+    """One llama-server of a host: the host's first (or only) one, or with ``each()`` every
+    instance of a host that runs several (llamahost/instances.py)."""
+
+    def __init__(self, target: Target, host: Any, instance: inst.Instance | None = None):
         self.target = target
-        self.spec = target.spec
         self.cfg = target.cfg
         self.host = host  # testinfra.host.Host
+        self._instance = instance
+
+    @functools.cached_property
+    def spec(self) -> HostSpec:
+        """The host's spec with the GPUs its sysfs shows (a per-gpu host's instances), as
+        the deploy resolves it."""
+        spec = self.target.spec
+        if not spec.serves or not spec.uses_gpu:
+            return dataclasses.replace(spec, topology=inst.Topology())
+        lines = self.host.check_output(inst.TOPOLOGY_COMMAND).splitlines()
+        return dataclasses.replace(spec, topology=inst.parse_topology(lines))
+
+    @property
+    def instance(self) -> inst.Instance:
+        return self._instance or self.spec.instances[0]
+
+    @property
+    def unit(self) -> str:
+        return self.instance.unit
+
+    @property
+    def name(self) -> str:
+        """The host, and the instance when it has several: how a failure names it."""
+        i = self.instance.index
+        return self.target.name if i is None else f"{self.target.name} {self.unit}"
+
+    def each(self) -> list[Server]:
+        """One Server per llama-server of the host (the spec, CPU count and key shared)."""
+        out = []
+        for x in self.spec.instances:
+            s = Server(self.target, self.host, x)
+            for shared in ("spec", "cpu_count", "api_key"):
+                if shared in self.__dict__:
+                    s.__dict__[shared] = self.__dict__[shared]
+            out.append(s)
+        return out
 
     # -------------------------------------------------------------- systemd and /proc
     def unit_properties(self, *props: str) -> dict[str, str]:
-        out = self.host.check_output("systemctl show %s -p %s", UNIT, ",".join(props))
+        out = self.host.check_output("systemctl show %s -p %s", self.unit, ",".join(props))
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
     @functools.cached_property
     def main_pid(self) -> int:
         pid = int(self.unit_properties("MainPID")["MainPID"])
-        assert pid > 0, f"{self.target.name}: llama-server.service has no main process"
+        assert pid > 0, f"{self.target.name}: {self.unit} has no main process"
         return pid
 
     @functools.cached_property
@@ -100,7 +140,7 @@ class Server:
         return self.expected_argv_for(self.cpu_count)
 
     def expected_argv_for(self, cpu_count: int) -> list[str]:
-        return server_command(self.cfg, cpu_count)
+        return server_command(self.cfg, cpu_count, self.instance)
 
     # -------------------------------------------------------------- HTTP
     @functools.cached_property
@@ -114,7 +154,7 @@ class Server:
     def request(
         self, method: str, path: str, *, key: bool, body: dict[str, Any] | None = None
     ) -> Http:
-        url = self.target.api_base + path
+        url = self.target.api_base_at(self.instance.port) + path
         try:
             r = requests.request(
                 method, url, json=body, auth=self.api_key if key else None, timeout=HTTP_TIMEOUT

@@ -16,24 +16,26 @@ SEED_OSS_PROMPT = "<seed:bos>user\nhi<seed:eos><seed:bos>assistant\n"
 
 
 def test_health_answers_200(server: Server) -> None:
-    """/health answers 200.
+    """/health answers 200 (on every llama-server of the host).
 
     No key needed. README: a start counts as done only when /health answers 200; 503
     means the model is (still) loading.
     """
-    r = server.get("/health", key=False)
-    assert r.status == 200, f"/health answered {r.status}: {r.body[:200]}"
-    assert r.json().get("status") == "ok", r.body[:200]
+    for s in server.each():
+        r = s.get("/health", key=False)
+        assert r.status == 200, f"{s.name}: /health answered {r.status}: {r.body[:200]}"
+        assert r.json().get("status") == "ok", r.body[:200]
 
 
 def test_chat_completion_with_the_key_answers_200(server: Server) -> None:
-    """A chat completion with the key answers 200.
+    """A chat completion with the key answers 200 (on every llama-server of the host).
 
     The key is read from the host's key file over SSH, as the server reads it.
     """
-    r = server.post("/v1/chat/completions", CHAT)
-    assert r.status == 200, f"/v1/chat/completions answered {r.status}: {r.body[:200]}"
-    assert r.json()["choices"][0]["message"]["role"] == "assistant"
+    for s in server.each():
+        r = s.post("/v1/chat/completions", CHAT)
+        assert r.status == 200, f"{s.name}: /v1/chat/completions answered {r.status}"
+        assert r.json()["choices"][0]["message"]["role"] == "assistant"
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ GPU host must pass on a good recording and fail, with a message, on a bad one.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from llamahost import instances as inst
 from llamahost.spec import resolve_host
 from tests.compliance import test_gpu
 from tests.compliance.inventory import Target
@@ -75,8 +77,12 @@ class FakeHost:
 
 def gpu_server(host: FakeHost, **data: Any) -> Server:
     data = {"llama_profile": "balanced", **data}
-    server = Server(Target("a100", data, resolve_host("a100", data)), host)
+    spec = resolve_host("a100", data)
+    server = Server(Target("a100", data, spec), host)
     server.__dict__["main_pid"] = PID  # cached_property: what the live host would say
+    # One GPU (what its sysfs would say): the host's single llama-server.
+    one_gpu = inst.Topology((inst.GpuTopo("0000:00:04.0", "20b0", None, ()),), 1)
+    server.__dict__["spec"] = dataclasses.replace(spec, topology=one_gpu)
     return server
 
 

@@ -41,19 +41,20 @@ def expected_sha256(cfg: HostConfig, host: Any) -> tuple[str, str]:
 def test_serves_the_pinned_model(server: Server, host: Any) -> None:
     """The served model's sha256 equals the pinned one.
 
-    The running process and /props name the inventory's model path, the file is 0640
+    The running processes (each instance's) and their /props name the inventory's model
+    path, the file is 0640
     root:<service group>, and it hashes to the pin (llama_model_sha256 or the lock), else
     to the sha256 recorded at download, else to the Hub's for the revision; the failure
     message says which.
     """
     cfg = server.cfg
-    assert server.arg("-m", "--model") == cfg.model_path, (
-        f"llama-server runs {server.arg('-m', '--model')}, the inventory's model is "
-        f"{cfg.model_path}"
-    )
-    props = server.get("/props")
-    assert props.status == 200, f"/props answered {props.status}"
-    assert props.json()["model_path"] == cfg.model_path
+    for s in server.each():
+        assert s.arg("-m", "--model") == cfg.model_path, (
+            f"{s.name} runs {s.arg('-m', '--model')}, the inventory's model is {cfg.model_path}"
+        )
+        props = s.get("/props")
+        assert props.status == 200, f"{s.name}: /props answered {props.status}"
+        assert props.json()["model_path"] == cfg.model_path, s.name
     f = host.file(cfg.model_path)
     assert (oct(f.mode), f.user, f.group) == (oct(0o640), "root", cfg.service_user), (
         f"{cfg.model_path} is {oct(f.mode)} {f.user}:{f.group}"

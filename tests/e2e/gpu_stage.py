@@ -36,4 +36,4 @@ if stack.gpu:
 # 6., the unit only: rendered and loaded (the reload is service.run's first step), never
 # started: there is no llama-server binary here.
 unit = service.unit(spec, cpus)
-systemd.daemon_reload(name="Reload systemd units", _if=unit.did_change)
+systemd.daemon_reload(name="Reload systemd units", _if=unit.files_changed[0].did_change)

@@ -32,6 +32,7 @@ from llamahost import gpu, layout
 from llamahost.spec import HostSpec
 from tasks import gpu as gpu_tasks
 from tasks import preflight
+from tasks.instances import resolved
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -88,6 +89,8 @@ class FakeHost:
     secure_boot: bool = False
     abi_modules: bool = True  # apt's lists have precompiled modules for the running ABI
     canonical_pin: bool = True  # with a current driver on Ubuntu: our pin against NVIDIA's
+    lspci: str = "lspci-nn-a100.txt"  # the GPUs lspci lists
+    topology: str = "sysfs-gpu-topology-a100.txt"  # their NUMA nodes and CPUs (sysfs)
 
     @property
     def dropin_present(self) -> bool:
@@ -143,7 +146,9 @@ def responses(h: FakeHost) -> dict[Any, Any]:
         )
     r: dict[Any, Any] = {
         "os-release": fixture(f"os-release-{h.distro}.txt"),
-        "lspci": fixture("lspci-nn-a100.txt") if h.gpu else "",
+        "lspci": fixture(h.lspci) if h.gpu else "",
+        # tasks.facts.GpuTopology (sysfs): the GPUs' NUMA nodes and CPU lists.
+        "numa_node": fixture(h.topology) if h.gpu else "nodes 1\n",
         "dpkg --print-architecture": "amd64",
         "uname -r": KERNELS[h.distro],
         "dpkg -l": dpkg,
@@ -275,7 +280,7 @@ def plan(
     def deploy() -> None:
         # As deploy.py: the spec (without the memory plan, which reads the Hub) and the
         # distribution from the preflight, then the stack.
-        spec = preflight.validated_spec()
+        spec = resolved(preflight.validated_spec())
         results.append(gpu_tasks.install(spec, preflight.distribution(), controller_machine_id))
         if then is not None:  # later steps of deploy.py, e.g. the unit
             then(spec, results[-1])

@@ -15,10 +15,14 @@ from tests.compliance.inventory import Target
 from tests.compliance.live import Server
 from tests.compliance.test_gpu_checks import FakeHost as RecordedHost
 from tests.compliance.test_gpu_checks import Result
-from tests.plan.fakehost import FakeHost, plan
+from tests.plan.fakehost import FIXTURES, FakeHost, plan
 
 CPUS = 8
-NO_DROPINS = {r"^systemctl show llama-server\.service -p DropInPaths$": Result(0, "DropInPaths=\n")}
+NO_DROPINS = {
+    r"^systemctl show llama-server\.service -p DropInPaths$": Result(0, "DropInPaths=\n"),
+    r"^cd /etc/systemd/system && ls -d llama-server\*": Result(0, "llama-server.service\n"),
+    r"numa_node": Result(0, (FIXTURES / "sysfs-gpu-topology-a100.txt").read_text()),
+}
 
 
 def _check(data: dict[str, Any], unit_on_host: str) -> None:

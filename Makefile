@@ -15,13 +15,14 @@ SYSTEM_PACKAGES := debootstrap systemd-container openssh-client curl ca-certific
 BENCH_VENV := .cache/bench-venv
 AIPERF_VERSION := $(shell sed -n 's/^AIPERF_VERSION = "\(.*\)"/\1/p' llamahost/bench/__init__.py)
 
-.PHONY: help sysdeps venv lint unit e2e test test-ready testdata demo demo-destroy demo-bench plan lock test-cuda-build compliance \
+.PHONY: help sysdeps venv lint unit e2e test test-ready testdata demo demo-destroy demo-bench demo-roll plan lock test-cuda-build compliance \
 	bench-venv bench
 
 help:
 	@echo "make demo          the whole stack on a local Debian 12 host: llama-server (tiny model),"
 	@echo "                   the TLS gateway, Prometheus with the alert rules"
 	@echo "make demo-bench    sweep the demo through its gateway with aiperf (plot, CSV, JSON)"
+	@echo "make demo-roll TEMP=0.5  a rolling change of the demo, watched (requests ok/failed)"
 	@echo "make demo-destroy  remove the local host"
 	@echo "make test          lint, type-check, unit tests, end-to-end tests on a fresh local host"
 	@echo "make unit          fast tests of the pure logic and the GPU plan tests"
@@ -97,6 +98,10 @@ demo: sysdeps venv
 demo-bench: venv bench-venv
 	LLAMAHOST_LOCAL_GATEWAY=1 LLAMAHOST_LOCAL_MONITORING=1 $(BIN)/python -m llamahost bench \
 		inventory/local.py --gateway --tokenizer .cache/demo/tokenizer
+
+# A rolling change of the demo, watched: `make demo-roll TEMP=0.5`.
+demo-roll: venv
+	LLAMAHOST_LOCAL_TEMP=$(TEMP) $(BIN)/python -m tests.support.demo roll
 
 demo-destroy: venv
 	$(BIN)/python -m tests.support.demo down

@@ -58,6 +58,15 @@ hosts = [
             # so does a supplied API key (unset: the host generates one).
             "llama_hf_token": os.environ.get("LLAMAHOST_LOCAL_HF_TOKEN") or None,
             "llama_api_key": os.environ.get("LLAMAHOST_LOCAL_API_KEY") or None,
+            # `make demo` serves two llama-servers (llama-server@0 and @1 on 8080 and 8081)
+            # behind its gateway, so that a rolling change can be watched on one host.
+            "llama_instances": int(os.environ.get("LLAMAHOST_LOCAL_INSTANCES", "1")),
+            # `make demo-roll TEMP=...`: a sampling change to watch.
+            **(
+                {"llama_temp": float(os.environ["LLAMAHOST_LOCAL_TEMP"])}
+                if os.environ.get("LLAMAHOST_LOCAL_TEMP")
+                else {}
+            ),
             **(
                 {
                     "llama_monitoring_prometheus_port": int(

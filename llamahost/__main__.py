@@ -3,6 +3,7 @@
    python -m llamahost bench INVENTORY [--limit HOST] [--out DIR] [...]
    python -m llamahost bench --compare A.json B.json
    python -m llamahost tune INVENTORY --limit HOST (--profiles A,B | --vary KNOB=V1,V2)
+   python -m llamahost watch URL --key-file FILE [--cacert PEM]
 
 plan: for every host of the inventory, what its profile needs and gives, and whether it
       fits (exit 1 when any host does not fit or is invalid).
@@ -14,6 +15,8 @@ bench: drive aiperf against each host's endpoint, a concurrency sweep with the p
       workload; JSON, CSV, PNG and a summary under --out (docs/bench.md). --compare: the
       ratio per metric of two reports.
 tune: deploy each candidate on one host, bench it, restore the host, recommend one.
+watch: stream chat completions through URL and print, every second, how many finished and
+      how many failed (llamahost/watch.py): a change made visible.
 
 The inventory is read by pyinfra itself (`pyinfra INVENTORY debug-inventory --json`, which
 connects to nothing), so groups and data merge exactly as in a deploy.
@@ -137,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         from llamahost.bench.cli import bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["watch"]:
+        from llamahost.watch import main as watch_main
+
+        return watch_main(argv[1:])
     if argv[:1] == ["tune"]:
         from llamahost.bench.cli import tune_main
 

@@ -169,16 +169,19 @@ def run(spec: HostSpec, units: Units, restart_when: list[OperationMeta]) -> None
             files.directory(name=f"Remove {path}", path=path, present=False)
         else:
             files.file(name=f"Remove {path}", path=path, present=False)
-    if len(units.changes) == 1 and not any(u.endswith(".d") for u, _ in units.stale):
-        files.file(
-            name=f"No {layout.TEMPLATE_UNIT} (one llama-server)",
-            path=layout.TEMPLATE_UNIT_PATH,
-            present=False,
+    changed = list(units.files_changed)
+    if len(units.changes) == 1:
+        changed.append(
+            files.file(
+                name=f"No {layout.TEMPLATE_UNIT} (one llama-server)",
+                path=layout.TEMPLATE_UNIT_PATH,
+                present=False,
+            )
         )
     stale_ops = bool(units.stale)
     systemd.daemon_reload(
         name="Reload systemd units",
-        _if=lambda: stale_ops or any(op.did_change() for op in units.files_changed),
+        _if=lambda: stale_ops or any(op.did_change() for op in changed),
     )
     for unit_name, ops in units.changes.items():
         instance = next(x for x in spec.instances if x.unit == unit_name)

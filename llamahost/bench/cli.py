@@ -7,20 +7,26 @@ field: a concurrency of 0, an unknown metric in --slo, a host not in the invento
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import re
+import subprocess
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llamahost import addresses as addr
+from llamahost import instances as inst
 from llamahost import inventory as inv
 from llamahost.bench import report
 from llamahost.bench.metrics import GPU_QUERY
 from llamahost.bench.workload import WorkloadError, parse_levels, workload_for
 from llamahost.layout import REPO
-from llamahost.spec import inventory_specs, resolve_host
+from llamahost.spec import HostSpec, inventory_specs, resolve_host
+
+if TYPE_CHECKING:
+    from llamahost.bench import run
 
 USAGE = """python -m llamahost bench INVENTORY [--limit HOST] [--out DIR] [options]
        python -m llamahost bench INVENTORY --gateway [HOST] [--client NAME] [options]
@@ -168,6 +174,27 @@ def bench_main(argv: list[str]) -> int:
             f"{', '.join(str(lv.concurrency) for lv in wl.levels)}, {url}"
         )
         try:
+            several = [] if a.url else instance_targets(spec, data[spec.name], target)
+        except run.BenchError as e:
+            print(f"FAILED {spec.name}: {e}")
+            failed = True
+            continue
+        if several:
+            print(f"{spec.name}: {len(several)} instances, each level on all of them at once")
+            try:
+                reps = run.run_instances(
+                    spec.name, several, wl, targets, aiperf=aiperf, tokenizer=tokenizer,
+                    out=out, run_label=a.label, timeout_s=a.timeout,
+                )  # fmt: skip
+            except run.BenchError as e:
+                print(f"FAILED {spec.name}: {e}")
+                failed = True
+                continue
+            reports += reps
+            print(report.summary(reps[-1]))
+            failed = failed or any(lv["errors"] for r in reps for lv in r["levels"])
+            continue
+        try:
             rep = run.run_host(
                 target,
                 wl,
@@ -189,6 +216,27 @@ def bench_main(argv: list[str]) -> int:
         print_written(run.write_run(reports, out, aiperf))
     print(f"bench: {out}")
     return 1 if failed or not reports else 0
+
+
+def instance_targets(spec: HostSpec, data: dict[str, Any], target: run.Target) -> list[run.Target]:
+    """A host with several llama-servers: one target per instance (``host:N``, its port);
+    none for a host with one. A GPU host's ``per-gpu`` count is read from its sysfs over
+    SSH, as the deploy reads it."""
+    from llamahost.bench import run
+
+    if spec.uses_gpu and spec.cfg.instances == inst.PER_GPU:
+        argv = run.ssh_command(spec.cfg, data, inst.TOPOLOGY_COMMAND)
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        if p.returncode != 0:
+            raise run.BenchError(f"its GPUs could not be read over SSH: {p.stderr.strip()[-300:]}")
+        spec = dataclasses.replace(spec, topology=inst.parse_topology(p.stdout.splitlines()))
+    xs = spec.instances
+    if len(xs) < 2:
+        return []
+    base = f"http://{spec.address}"
+    return [
+        dataclasses.replace(target, host=x.server(spec.name), url=f"{base}:{x.port}") for x in xs
+    ]
 
 
 def local_tokenizer(given: str | None) -> str | None:

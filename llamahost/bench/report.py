@@ -283,6 +283,16 @@ def summary(report: dict[str, Any]) -> str:
         f"{p['parallel']} slots, -ub {p['micro_batch']}, -c {p['context']}. "
         f"Targets: TTFT p95 ≤ {t['ttft_p95']:g} s, ≥ {t['tps_user']:g} output tok/s per "
         "conversation.",
+        *(
+            [
+                "",
+                f"The host: its instances {', '.join(report['instances'])}, each level run on "
+                "all of them at once (concurrency, requests, tok/s total, req/s summed; "
+                "latencies the worst instance's; tok/s per user the slowest's).",
+            ]
+            if report.get("instances")
+            else []
+        ),
         "",
         "| concurrency | prompt/output | TTFT p50/p95/p99 (s) | ITL p50/p95 (ms) "
         "| tok/s per user | tok/s total | req/s | errors | busy slots (max) | deferred (max) "
@@ -380,3 +390,44 @@ def render_compare(rows: list[dict[str, Any]], a_name: str, b_name: str) -> str:
             f"{ratio:>9}{mark}"
         )
     return "\n".join(out) + "\n"
+
+
+# How a host's level is made from its instances' levels, swept at the same time: counts and
+# throughputs add up; latencies are the worst instance's (a percentile of the host's requests
+# cannot be made from the instances' percentiles); per-user speed the slowest instance's.
+_SUMMED = ("concurrency", "requests", "errors", "tps_total", "req_s", "busy_slots_max",
+           "deferred_max", "prompt_tokens", "prompt_tokens_cached", "tokens_predicted")  # fmt: skip
+_WORST = ("ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p95_ms",
+          "duration_s", "gpu_mem_peak_mib", "gpu_util_peak")  # fmt: skip
+
+
+def combine(host: str, reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The host's report from its instances' reports of one run (the same workload, each
+    level run on every instance at once): one level per level index."""
+    first = reports[0]
+    levels = []
+    for i, lv in enumerate(first["levels"]):
+        same = [r["levels"][i] for r in reports]
+
+        def values(key: str, same: list[dict[str, Any]] = same) -> list[Any]:
+            return [x.get(key) for x in same if x.get(key) is not None]
+
+        row: dict[str, Any] = {k: None for k in lv}
+        row.update(isl=lv["isl"], osl=lv["osl"], note=lv.get("note"))
+        for k in _SUMMED:
+            row[k] = sum(values(k)) if values(k) else None
+        for k in _WORST:
+            row[k] = max(values(k)) if values(k) else None
+        row["tps_user_p50"] = min(values("tps_user_p50")) if values("tps_user_p50") else None
+        row["error_kinds"] = {}
+        for x in same:
+            for kind, n in (x.get("error_kinds") or {}).items():
+                row["error_kinds"][kind] = row["error_kinds"].get(kind, 0) + n
+        row["instances"] = [r["host"] for r in reports]
+        levels.append(row)
+    return {
+        **{k: v for k, v in first.items() if k != "levels"},
+        "host": host,
+        "instances": [r["host"] for r in reports],
+        "levels": levels,
+    }

@@ -8,6 +8,7 @@ of every host of the run) and ``bench.png`` (the plot).
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import json
 import os
@@ -293,17 +294,82 @@ def run_host(
 ) -> dict[str, Any]:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     results = []
-    for i, level in enumerate(workload.levels):
+    for i in range(len(workload.levels)):
         t0 = time.monotonic()
         r = run_level(target, workload, i, aiperf=aiperf, tokenizer=tokenizer, out=out,
                       timeout_s=timeout_s, sample_server=sample_server)  # fmt: skip
-        c = r.client
-        progress(
-            f"{target.host}: concurrency {level.concurrency}: {c.requests} ok, {c.errors} "
-            f"errors, TTFT p95 {c.ttft_p95 or 0:.0f} ms, {c.tps_total or 0:.1f} tok/s "
-            f"({time.monotonic() - t0:.0f} s)"
-        )
+        _said(progress, target, r, time.monotonic() - t0)
         results.append(r)
+    return _report(target, workload, targets, results, tokenizer, out, run_label, started)
+
+
+def _said(progress: Any, target: Target, r: report.LevelResult, seconds: float) -> None:
+    c = r.client
+    progress(
+        f"{target.host}: concurrency {r.level.concurrency}: {c.requests} ok, {c.errors} "
+        f"errors, TTFT p95 {c.ttft_p95 or 0:.0f} ms, {c.tps_total or 0:.1f} tok/s "
+        f"({seconds:.0f} s)"
+    )
+
+
+def run_instances(
+    host: str,
+    instances: list[Target],
+    workload: Workload,
+    targets: dict[str, float],
+    *,
+    aiperf: Path,
+    tokenizer: str,
+    out: Path,
+    run_label: str = "",
+    timeout_s: float = 3600.0,
+    progress: Any = print,
+) -> list[dict[str, Any]]:
+    """A host with several llama-servers (llamahost/instances.py): each level run on every
+    instance at once (one aiperf each, at the level's concurrency), so that the instances
+    share the host as they do in service. A report per instance (``host:N``), and the
+    host's (report.combine: throughput summed, latency the worst instance's)."""
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    results: dict[str, list[report.LevelResult]] = {t.host: [] for t in instances}
+    for i in range(len(workload.levels)):
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(len(instances)) as pool:
+            futures = {
+                t.host: pool.submit(
+                    run_level,
+                    t,
+                    workload,
+                    i,
+                    aiperf=aiperf,
+                    tokenizer=tokenizer,
+                    out=out,
+                    timeout_s=timeout_s,
+                )
+                for t in instances
+            }
+            for t in instances:
+                results[t.host].append(futures[t.host].result())
+                _said(progress, t, results[t.host][-1], time.monotonic() - t0)
+    reps = [
+        _report(t, workload, targets, results[t.host], tokenizer, out, run_label, started)
+        for t in instances
+    ]
+    combined = report.combine(host, reps)
+    (out / f"{host}.json").write_text(json.dumps(combined, indent=2) + "\n")
+    (out / f"{host}.md").write_text(report.summary(combined))
+    return [*reps, combined]
+
+
+def _report(
+    target: Target,
+    workload: Workload,
+    targets: dict[str, float],
+    results: list[report.LevelResult],
+    tokenizer: str,
+    out: Path,
+    run_label: str,
+    started: str,
+) -> dict[str, Any]:
     p = target.cfg.profile
     rep = report.build(
         host=target.host,

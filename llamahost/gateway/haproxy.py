@@ -27,6 +27,8 @@ from llamahost.spec import HostSpec
 
 BACKEND = "llama"  # the backend every served host is a server of
 _SERVER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# A server as the runtime API names it: a host's, or an instance's (``host:N``).
+_SERVER = re.compile(r"[A-Za-z0-9_.-]{1,64}(?::[0-9]{1,2})?")
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ def set_state(server: str, state: str) -> str:
     """The runtime API command that puts ``server`` of the backend in drain/ready/maint."""
     if state not in ("drain", "ready", "maint"):
         raise ValueError(state)
-    if not _SERVER_NAME.fullmatch(server):
+    if not _SERVER.fullmatch(server):
         raise ValueError(server)
     return f"set server {BACKEND}/{server} state {state}"
 
@@ -173,7 +175,7 @@ def set_key(server: str, key: str, keys_map: str = layout.GATEWAY_BACKEND_KEYS_M
     """The runtime API command that gives ``server`` its host's API key in the backend keys
     map (the map the per-host proxy reads for every request). Sent as standard input, never
     on a command line."""
-    if not _SERVER_NAME.fullmatch(server):
+    if not _SERVER.fullmatch(server):
         raise ValueError(server)
     if not re.fullmatch(r"[A-Za-z0-9._~+/=-]+", key):
         raise ValueError("an API key holds no space, quote or control character")
@@ -184,7 +186,7 @@ def set_address(server: str, address: str) -> str:
     """The runtime API command that points the per-host proxy of ``server`` at
     ``address`` (host:port, from the gateway): ``addr`` for an IP, ``fqdn`` for a name
     (resolved by the configuration's resolvers)."""
-    if not _SERVER_NAME.fullmatch(server):
+    if not _SERVER.fullmatch(server):
         raise ValueError(server)
     host_part, _, port = address.rpartition(":")
     host_part = host_part.strip("[]")
@@ -199,7 +201,7 @@ def set_address(server: str, address: str) -> str:
 
 
 def set_maxconn(server: str, maxconn: int) -> str:
-    if not _SERVER_NAME.fullmatch(server) or maxconn < 1:
+    if not _SERVER.fullmatch(server) or maxconn < 1:
         raise ValueError((server, maxconn))
     return f"set maxconn server {BACKEND}/{server} {maxconn}"
 

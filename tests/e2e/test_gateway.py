@@ -62,6 +62,16 @@ class Gateway:
     node_port: int  # every served host's node exporter, at its own address
     data: dict[str, Any] = field(default_factory=dict)  # gateway data beyond the defaults
     served_data: dict[str, Any] = field(default_factory=dict)  # every host's extra data
+    host_data: dict[str, dict[str, Any]] = field(default_factory=dict)  # one host's extra
+
+    def servers(self) -> set[str]:
+        """The gateway servers the inventory gives: one per llama-server instance."""
+        out = set()
+        for n in self.fleet.hosts:
+            count = self.host_data.get(n, {}).get("llama_instances", 1)
+            base = hx.server_name(n)
+            out |= {base} if count == 1 else {f"{base}:{i}" for i in range(count)}
+        return out
 
     @property
     def url(self) -> str:
@@ -94,6 +104,7 @@ class Gateway:
             # turned off, which each run warns about.
             | {"llama_firewall": False}
             | self.served_data
+            | self.host_data.get(n, {})
             for n in names
         }
         gateway = {
@@ -208,11 +219,12 @@ def gateway(
 
 
 def _wait_all_up(g: Gateway, timeout: float = 60) -> dict[str, hx.ServerStat]:
-    """Every served host UP on both gateways; the first gateway's view."""
+    """Every served host (each of its instances) UP on both gateways, and no other server;
+    the first gateway's view."""
     deadline = time.monotonic() + timeout
     while True:
         views = [g.stats(), g.stats(g.second.name)]
-        if all(len(v) == len(g.fleet.hosts) and not hx.out_of_rotation(v) for v in views):
+        if all(set(v) == g.servers() and not hx.out_of_rotation(v) for v in views):
             return views[0]
         assert time.monotonic() < deadline, views
         time.sleep(0.5)
@@ -1203,6 +1215,149 @@ def test_a_gateway_that_serves_nothing(gateway: Gateway, tmp_path: Path) -> None
     assert gw_checks and set(gw_checks.values()) == {"passed"}, mine
     others = [v for k, v in mine.items() if k not in gw_checks]
     assert others and all("serves no llama-server" in v for v in others), mine
+
+
+def _units(g: Gateway, n: str) -> set[str]:
+    return set(g.fleet.sh(n, f"cd {layout.SYSTEMD_DIR} && ls -d llama-server* 2>/dev/null; "
+                          "true").split())  # fmt: skip
+
+
+def _targets_of(g: Gateway, n: str) -> list[dict[str, Any]]:
+    return [
+        t
+        for t in g.prometheus("targets", state="active")["activeTargets"]
+        if t["labels"].get("job") == "llama-server" and t["labels"].get("host") == n
+    ]
+
+
+def _wait_targets(g: Gateway, n: str, instances: list[str | None]) -> list[dict[str, Any]]:
+    """Prometheus's llama-server targets of host ``n``, once they are exactly one per
+    instance (label llama_instance; None: the single server) and all up."""
+    deadline = time.monotonic() + 60
+    while True:
+        ts = _targets_of(g, n)
+        seen = sorted((t["labels"].get("llama_instance") or "") for t in ts)
+        if seen == sorted(i or "" for i in instances) and all(t["health"] == "up" for t in ts):
+            return ts
+        assert time.monotonic() < deadline, ts
+        time.sleep(1)
+
+
+def _count_change(g: Gateway, n: str, count: int) -> Run:
+    """``llama_instances`` of host ``n`` set to ``count`` and deployed under streaming load
+    through both gateways: no request fails; what the other layout had is gone from the
+    host, the gateways and Prometheus."""
+    g.host_data.setdefault(n, {})["llama_instances"] = count
+    g.write()
+    with Load(g) as load:
+        time.sleep(2)
+        run = g.deploy()
+        time.sleep(2)
+    assert run.rc == 0, run.why()
+    assert load.failed == [], load.failed[:5]
+    assert load.ok > 0
+    base = hx.server_name(n)
+    units = [f"llama-server@{i}.service" for i in range(count)] if count > 1 else ["llama-server"]
+    assert _units(g, n) == (
+        {layout.TEMPLATE_UNIT, *(f"{u}.d" for u in units)} if count > 1 else {layout.UNIT}
+    )
+    active = g.fleet.sh(n, "systemctl list-units 'llama-server*' --plain --no-legend "
+                        "--state=active | cut -d' ' -f1").split()  # fmt: skip
+    assert sorted(active) == sorted(units if count > 1 else [layout.UNIT]), active
+    stats = _wait_all_up(g)
+    mine = {s for s in stats if s == base or s.startswith(base + ":")}
+    assert mine == ({base} if count == 1 else {f"{base}:{i}" for i in range(count)}), stats
+    cfg = g.fleet.sh(g.name, f"cat {layout.HAPROXY_CONFIG}")
+    parallel = 2  # cpu-demo's --parallel: each instance's slots
+    for s in mine:
+        assert f"    server {s} unix@" in cfg and f"{s}.sock maxconn {parallel} " in cfg, s
+    _wait_targets(g, n, [None] if count == 1 else [str(i) for i in range(count)])
+    return run
+
+
+def test_two_instances_on_one_host_change_one_at_a_time(gateway: Gateway, tmp_path: Path) -> None:
+    """``llama_instances: 2`` on one served host of the fleet: two units and two ports, both
+    servers in both gateways and both Prometheus targets up; compliance passes, and fails
+    on a broken instance; a sampling change on that host alone, under streaming load,
+    restarts each instance once and never both at a time, failing no request; a rerun
+    changes nothing; 2 -> 1 -> 2 leaves no stale unit, server or target."""
+    g = gateway
+    f = g.fleet
+    n = list(f.hosts)[1]  # neither the gateway host nor the driver-reboot host
+    base = hx.server_name(n)
+    run = _count_change(g, n, 2)
+    g.fleet.timings["instances_1_to_2_s"] = round(run.seconds, 1)
+    for i in (0, 1):
+        answer = requests.get(f"http://{f.addresses[n]}:{f.port + i}/health", timeout=10)
+        assert answer.status_code == 200, i
+
+    checks = {k: v for k, v in compliance_of(g, tmp_path).items() if k.endswith(f"[{n}]")}
+    gpu_only = f"test_each_instance_on_its_gpu_and_cpus[{n}]"  # skipped: CPU instances
+    assert checks.pop(gpu_only) == "skipped", checks
+    assert checks and set(checks.values()) == {"passed"}, checks
+    dropin = layout.instance_dropin("llama-server@1.service")
+    f.sh(n, f"sed -i 's/--threads-http -1/--threads-http 3/' {dropin}")
+    broken = compliance_of(g, tmp_path)
+    assert broken[f"test_unit_file_is_the_one_the_deploy_renders[{n}]"] == "failure", broken
+
+    since = f.sh(g.name, "date +%s").strip()
+    g.host_data[n]["llama_temp"] = 0.45  # a sampling change of this host only
+    g.write()
+    with Sampler(g) as sampler, Load(g) as load:
+        time.sleep(2)
+        run = g.deploy()
+        time.sleep(2)
+    assert run.rc == 0, run.why()
+    f.timings["instances_rolling_change_s"] = round(run.seconds, 1)
+    f.timings["instances_rolling_change_requests_ok"] = load.ok
+    assert load.failed == [], load.failed[:5]
+    assert load.ok > 0
+    for i in (0, 1):
+        starts = f.sh(n, f"journalctl -u llama-server@{i} --since @{since} -o cat "
+                      "| grep -c '^Started llama-server' || true")  # fmt: skip
+        assert starts.strip() == "1", (i, starts)
+    rot = _rolled(g, since)
+    for i in (0, 1):
+        assert rot.events.get(f"{base}:{i}", [])[:1] == ["enters drain state"], rot
+    assert rot.most_out == 1 and rot.out_at_end == [], rot
+    assert sampler.most_out() <= 1
+    assert "--threads-http -1" in f.sh(n, f"cat {dropin}")  # the hand edit undone
+
+    rerun = g.deploy()
+    assert rerun.rc == 0, rerun.why()
+    assert rerun.changed_operations() == []
+
+    _count_change(g, n, 1)
+    run = _count_change(g, n, 2)
+    g.fleet.timings["instances_1_to_2_again_s"] = round(run.seconds, 1)
+
+    # The bench of that host: each level on both instances at once, a report for each
+    # instance and the host's (summed).
+    tok = tiny_tokenizer.write(tmp_path / "tok")
+    out = tmp_path / "bench"
+    argv = [sys.executable, "-m", "llamahost", "bench", str(g.inventory), "--limit", n,
+            "--out", str(out), "--tokenizer", str(tok), "--concurrency", "1,2",
+            "--requests", "4", "--isl", "64", "--osl", "16"]  # fmt: skip
+    p = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    each = [json.loads((out / f"{n}:{i}.json").read_text()) for i in (0, 1)]
+    host = json.loads((out / f"{n}.json").read_text())
+    for i, rep in enumerate(each):
+        assert rep["url"] == f"http://{f.addresses[n]}:{f.port + i}", rep["url"]
+        assert [lv["concurrency"] for lv in rep["levels"]] == [1, 2]
+        assert all(lv["errors"] == 0 and lv["requests"] >= 4 for lv in rep["levels"])
+    assert host["instances"] == [f"{n}:0", f"{n}:1"]
+    assert [lv["concurrency"] for lv in host["levels"]] == [2, 4]
+    for j, lv in enumerate(host["levels"]):
+        assert lv["requests"] == sum(r["levels"][j]["requests"] for r in each)
+    rows = {line.split(",")[0] for line in (out / "bench.csv").read_text().splitlines()[1:]}
+    assert rows == {f"{n}:0", f"{n}:1", n}, rows
+
+
+def compliance_of(g: Gateway, tmp: Path) -> dict[str, str]:
+    """The served-host checks of the service over the gateway inventory."""
+    junit = tmp / f"instances-compliance-{time.monotonic_ns()}.xml"
+    return {k: v[0] for k, v in run_compliance(g.inventory, ["test_service.py"], junit).items()}
 
 
 # Last in the module: it leaves a host with the stand-ins of a GPU and a "driver".

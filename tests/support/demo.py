@@ -8,6 +8,9 @@ up:   create the host (if not running), write the client key (0600, .cache/demo/
       `monitoring`, copy the gateway's self-signed certificate (not its key) to
       .cache/demo/gateway-ca.pem, write the tiny model's tokenizer for `make demo-bench`
       (.cache/demo/tokenizer), and print how to call it.
+roll: with TEMP set, the bundled streaming client (python -m llamahost watch) against the
+      gateway while the deploy changes the sampling temperature (both llama-servers restart
+      one after the other, drained): requests ok / failed every second.
 down: power the host off and remove it, with .cache/demo.
 """
 
@@ -16,8 +19,10 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from llamahost import layout
@@ -29,7 +34,8 @@ from tests.support.tinygguf import write as write_tiny
 
 NAME = "demo"
 SSH_PORT = 2222
-PORT = 8080  # llama-server, direct (debugging only)
+PORT = 8080  # llama-server@0, direct (debugging only); @1 on 8081
+INSTANCES = 2  # two llama-servers behind the gateway: a rolling change fails no request
 GATEWAY_PORT = 8443
 PROMETHEUS_PORT = 9090
 REPO_DIR = testhost.CACHE / "hub" / "llamahost" / "tiny-seed-oss-GGUF"
@@ -37,6 +43,7 @@ DEMO_DIR = testhost.CACHE / "demo"
 CLIENTS = DEMO_DIR / "clients"  # "demo <key>": the gateway's client keys file
 CA = DEMO_DIR / "gateway-ca.pem"  # the gateway's self-signed certificate, for --cacert
 TOKENIZER = DEMO_DIR / "tokenizer"  # the tiny model's, for `make demo-bench`
+TEMP = DEMO_DIR / "temp"  # the sampling temperature `make demo-roll` last set
 
 
 def hub_root() -> str:
@@ -71,6 +78,9 @@ def env(hub_url: str) -> dict[str, str]:
         "LLAMAHOST_LOCAL_CLIENT_KEYS": str(CLIENTS),
         "LLAMAHOST_LOCAL_MONITORING": "1",
         "LLAMAHOST_LOCAL_PROMETHEUS_PORT": str(PROMETHEUS_PORT),
+        "LLAMAHOST_LOCAL_INSTANCES": str(INSTANCES),
+        # The temperature of the last `make demo-roll`, so that `make demo` keeps it.
+        **({"LLAMAHOST_LOCAL_TEMP": TEMP.read_text().strip()} if TEMP.exists() else {}),
     }
 
 
@@ -93,16 +103,48 @@ def snippet(url: str) -> str:
     )
 
 
+def deploy() -> int:
+    """The real deploy of inventory/local.py with the demo's settings (the Hub endpoint
+    lives only while it runs: it is needed only while the model downloads)."""
+    with HubServer(Path(hub_root())) as hub:
+        argv = [sys.executable, "-m", "pyinfra", "-y", "inventory/local.py", "deploy.py"]
+        return subprocess.call(argv, env=env(hub.url), cwd=testhost.REPO)
+
+
+def watch_argv(seconds: float = 0) -> list[str]:
+    """The bundled streaming client against the demo's gateway."""
+    return [sys.executable, "-m", "llamahost", "watch", f"https://127.0.0.1:{GATEWAY_PORT}",
+            "--key-file", rel(CLIENTS), "--cacert", rel(CA), "--seconds", str(seconds)]  # fmt: skip
+
+
+def roll() -> int:
+    """`make demo-roll TEMP=...`: the streaming client prints requests ok / failed every
+    second while the deploy changes the sampling temperature, which restarts both
+    llama-servers one after the other, each drained on the gateway first."""
+    temp = os.environ.get("LLAMAHOST_LOCAL_TEMP")
+    if not temp or testhost.load(NAME) is None or not CA.exists():
+        print("make demo first, then: make demo-roll TEMP=0.5 (any temperature from 0 to 5)")
+        return 2
+    float(temp)  # a number, or the run stops here
+    TEMP.write_text(temp + "\n")
+    watcher = subprocess.Popen(watch_argv(), cwd=testhost.REPO)
+    try:
+        time.sleep(3)
+        rc = deploy()
+        time.sleep(3)
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        watched = watcher.wait(timeout=120)
+    return rc or watched
+
+
 def up() -> int:
     th = testhost.load(NAME)
     if th is None or not th.alive():
         th = testhost.create(NAME, SSH_PORT)
     archive()
     client_key()
-    # The Hub endpoint is needed only while the model downloads: any free port will do.
-    with HubServer(Path(hub_root())) as hub:
-        argv = [sys.executable, "-m", "pyinfra", "-y", "inventory/local.py", "deploy.py"]
-        rc = subprocess.call(argv, env=env(hub.url), cwd=testhost.REPO)
+    rc = deploy()
     if rc != 0:
         return rc
     # The certificate only (openssl x509 drops the key that shares the file).
@@ -131,8 +173,14 @@ From this directory:
 {snippet(url)}
 EOF
 
-Without the key the gateway answers 401. For debugging only: llama-server itself on
-http://127.0.0.1:{PORT} (its own key on the host, /etc/llama-server/api-key), and a shell:
+Without the key the gateway answers 401. Two llama-servers serve behind the gateway
+(llama_instances 2): watch a rolling change fail no request, the client printing requests
+ok / failed every second while the deploy restarts each server in turn, drained first:
+
+  make demo-roll TEMP=0.5
+
+For debugging only: the llama-servers themselves on http://127.0.0.1:{PORT} and :{PORT + 1}
+(their key on the host, /etc/llama-server/api-key), and a shell:
   {ssh}
 
 The model is a tiny random-weight Seed-OSS GGUF: it answers noise. `make demo-bench` sweeps
@@ -152,4 +200,4 @@ def down() -> int:
 
 if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else "up"
-    sys.exit({"up": up, "down": down}[cmd]())
+    sys.exit({"up": up, "down": down, "roll": roll}[cmd]())

@@ -75,6 +75,15 @@ def test_on_by_default_behind_a_gateway(clients: Path) -> None:
     assert not a.firewall_declined
 
 
+def test_every_instance_port_is_opened(clients: Path) -> None:
+    """A host with several llama-servers: each instance's port (llama_port + N) let in from
+    the gateways, and only those ports."""
+    a, gw = _inventory(clients, {"llama_instances": 3})
+    (llama,) = fw.allows(a, [gw], [])
+    assert llama.ports == (8080, 8081, 8082) and llama.v4 == ("10.0.0.1",)
+    assert "8080, 8081, 8082" in fw.rules("a", [llama])
+
+
 @pytest.mark.parametrize("value", ["on", 1, "Auto", None])
 def test_other_values_are_refused(value: Any) -> None:
     with pytest.raises(ConfigError) as e:

@@ -95,3 +95,42 @@ def test_instance_ports_past_65535_are_refused() -> None:
     with pytest.raises(ConfigError, match="past 65535"):
         resolve_host("c", {"llama_profile": "cpu-demo", "llama_instances": 4,
                            "llama_port": 65534})  # fmt: skip
+
+
+def test_bench_targets_each_instance_and_combines_them_into_the_host() -> None:
+    from llamahost.bench import report, run
+    from llamahost.bench.cli import instance_targets
+
+    spec = resolve_host("c", {"llama_profile": "cpu-demo", "llama_instances": 2,
+                              "ssh_hostname": "10.0.0.9"})  # fmt: skip
+    target = run.Target("c", "http://10.0.0.9:8080", "tiny", spec.cfg, "k")
+    ts = instance_targets(spec, {}, target)
+    assert [(t.host, t.url) for t in ts] == [("c:0", "http://10.0.0.9:8080"),
+                                             ("c:1", "http://10.0.0.9:8081")]  # fmt: skip
+    single = resolve_host("s", {"llama_profile": "cpu-demo"})
+    assert instance_targets(single, {}, target) == []
+
+    def rep(host: str, ttft: float, tps: float, errors: int) -> dict[str, object]:
+        level = {"concurrency": 2, "isl": 64, "osl": 32, "requests": 10, "errors": errors,
+                 "ttft_p95_ms": ttft, "tps_total": tps, "tps_user_p50": tps / 2,
+                 "req_s": 1.0, "error_kinds": {"HTTP 503": errors} if errors else {}}  # fmt: skip
+        return {"host": host, "profile": {"name": "cpu-demo"}, "levels": [level]}
+
+    host = report.combine("c", [rep("c:0", 40.0, 100.0, 0), rep("c:1", 90.0, 80.0, 1)])
+    (lv,) = host["levels"]
+    assert host["host"] == "c" and host["instances"] == ["c:0", "c:1"]
+    assert (lv["concurrency"], lv["requests"], lv["errors"]) == (4, 20, 1)
+    assert (lv["tps_total"], lv["req_s"], lv["ttft_p95_ms"], lv["tps_user_p50"]) == (
+        180.0, 2.0, 90.0, 40.0,
+    )  # fmt: skip
+    assert lv["error_kinds"] == {"HTTP 503": 1}
+
+
+def test_the_runtime_api_takes_instance_server_names_and_nothing_looser() -> None:
+    from llamahost.gateway import haproxy as hx
+
+    assert hx.set_state("gpu-1:3", "drain") == "set server llama/gpu-1:3 state drain"
+    assert hx.set_maxconn("gpu-1:3", 8) == "set maxconn server llama/gpu-1:3 8"
+    for bad in ("gpu-1:x", "gpu 1", "gpu-1:0:1", "gpu-1:"):
+        with pytest.raises(ValueError):
+            hx.set_state(bad, "ready")

@@ -96,7 +96,8 @@ demo: sysdeps venv
 
 # The demo through its gateway, swept with aiperf (`python -m llamahost bench INV --gateway`).
 demo-bench: venv bench-venv
-	LLAMAHOST_LOCAL_GATEWAY=1 LLAMAHOST_LOCAL_MONITORING=1 $(BIN)/python -m llamahost bench \
+	LLAMAHOST_LOCAL_GATEWAY=1 LLAMAHOST_LOCAL_MONITORING=1 LLAMAHOST_LOCAL_INSTANCES=2 \
+		$(BIN)/python -m llamahost bench \
 		inventory/local.py --gateway --tokenizer .cache/demo/tokenizer
 
 # A rolling change of the demo, watched: `make demo-roll TEMP=0.5`.

@@ -1,9 +1,13 @@
-"""python -m llamahost watch URL --key-file FILE [--cacert PEM] [--workers N] [--seconds S]
+"""python -m llamahost watch URL --key-file FILE [--cacert PEM] [--workers N] [--rate R]
 
 A small streaming client that makes a change visible: N workers stream chat completions
-through URL (a gateway, or one llama-server) one after the other, and every second one line
-says how many requests finished and how many failed in that second, with the totals. Run it
-while a deploy changes the fleet: behind a gateway a rolling change fails none.
+through URL (a gateway, or one llama-server) one after the other, at most R requests a
+second in all, and every second one line says how many requests finished and how many
+failed in that second, with the totals. Run it while a deploy changes the fleet: behind a
+gateway a rolling change fails none. The defaults (2 at a time, 5 a second) stay within a
+client key's share on the demo (the gateway's in-flight limit `auto` is half the slots, its
+rate limit 600 a minute): a 429 counts as failed, so a load past the key's limits shows
+failures that no change caused.
 
 A request counts as failed when the answer is not 200, the stream breaks, or it ends
 without a finish reason. The key is read from FILE (its last word on the first line: a
@@ -26,7 +30,8 @@ import requests
 
 BODY = {
     "messages": [{"role": "user", "content": "Count to a thousand."}],
-    "max_tokens": 64,
+    "max_tokens": 200,
+    "ignore_eos": True,  # llama-server: the whole length, so restarts find streams running
     "stream": True,
 }
 
@@ -54,10 +59,13 @@ def read_key(path: str) -> str:
     return words[-1]
 
 
-def one(session: requests.Session, url: str, timeout: float) -> str | None:
-    """One streamed chat completion; None when it finished, else why it failed."""
+def one(
+    session: requests.Session, url: str, timeout: float, verify: str | bool = True
+) -> str | None:
+    """One streamed chat completion; None when it finished, else why it failed. ``verify``
+    per request: a session's own is overridden by REQUESTS_CA_BUNDLE from the environment."""
     try:
-        with session.post(url, json=BODY, stream=True, timeout=timeout) as r:
+        with session.post(url, json=BODY, stream=True, timeout=timeout, verify=verify) as r:
             if r.status_code != 200:
                 return f"HTTP {r.status_code}"
             finish = None
@@ -79,7 +87,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("url", help="the gateway's (or a llama-server's) base URL")
     p.add_argument("--key-file", required=True, help="a file holding the client key")
     p.add_argument("--cacert", help="the certificate to trust (a self-signed gateway)")
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=2, help="requests at a time")
+    p.add_argument("--rate", type=float, default=5.0, help="requests a second, at most")
     p.add_argument("--seconds", type=float, default=0, help="stop after this long (0: Ctrl-C)")
     p.add_argument("--timeout", type=float, default=60, help="seconds for one request")
     a = p.parse_args(argv)
@@ -91,9 +100,11 @@ def main(argv: list[str]) -> int:
     def worker() -> None:
         s = requests.Session()
         s.headers["Authorization"] = f"Bearer {key}"
-        s.verify = a.cacert or True
+        gap = a.workers / a.rate if a.rate > 0 else 0.0
         while not stop.is_set():
-            counts.add(one(s, url, a.timeout))
+            t0 = time.monotonic()
+            counts.add(one(s, url, a.timeout, a.cacert or True))
+            stop.wait(max(0.0, gap - (time.monotonic() - t0)))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -60,6 +60,9 @@ from tasks.preflight import served_specs
 # wait), and the servers this run has out of rotation now.
 _stopped: dict[int, str] = {}
 _ours: dict[int, set[str]] = {}
+# Per run: the servers it retired (another instance count): out of rotation until the
+# gateways' reload removes them, counted by no bound.
+_retired: dict[int, set[str]] = {}
 # One writer of a gateway's keys map at a time (hosts of one batch run concurrently).
 _map_locks: dict[str, gevent.lock.Semaphore] = {}
 
@@ -288,7 +291,8 @@ def drained(
                     "cannot be drained there (nothing was drained)"
                 )
             views[gw.name] = view
-        room, out = hx.may_go_out(server, views, ours, max_unavailable, together)
+        gone = _retired.get(run, set())
+        room, out = hx.may_go_out(server, views, ours, max_unavailable, together | gone)
         if room:
             break
         if time.monotonic() > deadline:
@@ -384,7 +388,9 @@ def _out_and_back(
             f"puts it back first). {why}"
         )
     if retire:
-        # Gone: drained until the gateways' reload removes it; no marker to put it back.
+        # Gone: drained until the gateways' reload removes it; no marker to put it back,
+        # and no bound counts it from now on.
+        _retired.setdefault(id(state), set()).add(server)
         for gw in out_on:
             run(state, gw, f"rm -f {shlex.quote(marker(server))}")
         logger.info(f"{say} {server} retired (drained, stopped)")

@@ -166,7 +166,7 @@ def bench_main(argv: list[str]) -> int:
             print(f"FAILED {spec.name}: {e}")
             failed = True
             continue
-        url = a.url or f"http://{spec.address}:{spec.profile.port}"
+        url = a.url or f"http://{addr.hostport(direct(spec), spec.profile.port)}"
         probe = run.ssh_command(spec.cfg, data[spec.name], GPU_QUERY) if spec.uses_gpu else []
         target = run.Target(spec.name, url, spec.profile.alias, spec.cfg, key, tuple(probe))
         print(
@@ -222,21 +222,38 @@ def instance_targets(spec: HostSpec, data: dict[str, Any], target: run.Target) -
     """A host with several llama-servers: one target per instance (``host:N``, its port);
     none for a host with one. A GPU host's ``per-gpu`` count is read from its sysfs over
     SSH, as the deploy reads it."""
-    from llamahost.bench import run
-
-    if spec.uses_gpu and spec.cfg.instances == inst.PER_GPU:
-        argv = run.ssh_command(spec.cfg, data, inst.TOPOLOGY_COMMAND)
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-        if p.returncode != 0:
-            raise run.BenchError(f"its GPUs could not be read over SSH: {p.stderr.strip()[-300:]}")
-        spec = dataclasses.replace(spec, topology=inst.parse_topology(p.stdout.splitlines()))
-    xs = spec.instances
+    xs = with_topology(spec, data).instances
     if len(xs) < 2:
         return []
-    base = f"http://{spec.address}"
     return [
-        dataclasses.replace(target, host=x.server(spec.name), url=f"{base}:{x.port}") for x in xs
+        dataclasses.replace(
+            target, host=x.server(spec.name), url=f"http://{addr.hostport(direct(spec), x.port)}"
+        )
+        for x in xs
     ]
+
+
+def with_topology(spec: HostSpec, data: dict[str, Any]) -> HostSpec:
+    """The spec with the GPUs its host shows: a GPU host's ``per-gpu`` count is read from
+    its sysfs over SSH, as the deploy reads it (nothing is read for a CPU host or a count)."""
+    from llamahost.bench import run
+
+    if not (spec.serves and spec.uses_gpu and spec.cfg.instances == inst.PER_GPU):
+        return spec
+    argv = run.ssh_command(spec.cfg, data, inst.TOPOLOGY_COMMAND)
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    if p.returncode != 0:
+        raise run.BenchError(
+            f"{spec.name}: its GPUs could not be read over SSH: {p.stderr.strip()[-300:]}"
+        )
+    return dataclasses.replace(spec, topology=inst.parse_topology(p.stdout.splitlines()))
+
+
+def direct(spec: HostSpec) -> str:
+    """Where the controller reaches a host's llama-server: its listen address when that is
+    one address, else the host's address (as the compliance checks reach it)."""
+    return addr.reach("the controller", spec.name, spec.address, spec.profile.host,
+                      "llama-server", "llama_host")  # fmt: skip
 
 
 def local_tokenizer(given: str | None) -> str | None:
@@ -273,14 +290,19 @@ def gateway_main(
         print("\n".join(f"REFUSED {e}" for e in errors))
         return 1
     gw = next(s for s in specs if s.name == gws[0][0])
-    specs = [s for s in specs if s.serves]
-    slots = sum(s.profile.parallel for s in specs)
+    data = {name: d for name, d, _ in hosts}
+    try:
+        specs = [with_topology(s, data[s.name]) for s in specs if s.serves]
+    except run.BenchError as e:
+        print(f"FAILED {e}")
+        return 1
+    # Every llama-server the gateway balances: a host with several instances is several.
+    servers = [x for s in specs for x in hx.servers(gw.name, [s])]
+    slots = sum(x.maxconn for x in servers)
     first = specs[0]
     # One client key may hold only its share of the slots (llama_gateway_max_in_flight):
     # the default sweep stops there; --concurrency past it measures the 429s.
-    share = hx.max_in_flight(
-        gw.gateway, [hx.Server(s.name, s.name, "", s.profile.parallel) for s in specs]
-    )
+    share = hx.max_in_flight(gw.gateway, servers)
     default = sweep(slots)
     if share:
         default = tuple(sorted({c for c in default if c <= share} | {share}))
@@ -330,7 +352,8 @@ def gateway_main(
                         key, ca_file=str(ca))  # fmt: skip
     targets = {**report.TARGETS.get(first.profile.name, report.TARGETS["balanced"]), **slo}
     print(
-        f"{target.host}: {len(specs)} hosts, {slots} slots, {wl.profile} ({wl.purpose}), "
+        f"{target.host}: {len(specs)} hosts, {len(servers)} llama-servers, {slots} slots, "
+        f"{wl.profile} ({wl.purpose}), "
         f"levels {', '.join(str(lv.concurrency) for lv in wl.levels)}, {url}"
     )
     try:

@@ -14,6 +14,8 @@ TOTAL_S = 570.0  # of the 600 s a device command may run: 30 s for writing the J
 BUILD_S = 330.0  # the most the build may take; it is stopped past this
 PROFILE_S = 70.0  # load (26 GB from the page cache), warm-up, prompt, decode sweep
 PROFILE_MIN_S = 40.0  # a profile gets at least this or is skipped
+INSTANCES_S = 60.0  # two instances of the smallest profile on the one GPU, when it holds both
+INSTANCES_MIN_S = 45.0  # both loads (page cache) and one request each, or skipped
 BENCH_S = 45.0  # llama-bench, last and optional
 
 

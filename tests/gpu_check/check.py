@@ -100,6 +100,7 @@ def fill_args(args: list[str], model: str, api_key_file: str, threads: int) -> l
     values = {
         "{model}": model,
         "{port}": str(PORT),
+        **{f"{{port+{i}}}": str(PORT + i) for i in range(8)},
         "{api_key_file}": api_key_file,
         "{threads}": str(threads),
     }
@@ -179,9 +180,9 @@ def build(
     return out
 
 
-def _post(path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+def _post(path: str, body: dict[str, Any], timeout: float, port: int = PORT) -> dict[str, Any]:
     req = urllib.request.Request(
-        f"http://127.0.0.1:{PORT}{path}",
+        f"http://127.0.0.1:{port}{path}",
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
     )
@@ -190,11 +191,11 @@ def _post(path: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         return doc
 
 
-def _ready(timeout: float, proc: subprocess.Popen[bytes]) -> bool:
+def _ready(timeout: float, proc: subprocess.Popen[bytes], port: int = PORT) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                 if r.status == 200:
                     return True
         except (urllib.error.URLError, OSError):
@@ -312,6 +313,107 @@ def serve_profile(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         r["log_tail"] = log_path.read_text(errors="replace").splitlines()[-25:]
+    return r
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def serve_instances(
+    ip: dict[str, Any],
+    bin_dir: Path,
+    model: Path,
+    work: Path,
+    gpu_memory_mib: int,
+    granted: float,
+    n_vocab: int,
+) -> dict[str, Any]:
+    """Two llama-servers on the one lent GPU, each with the arguments and environment the
+    deploy renders for an instance of a host with ``llama_instances: 2`` (its own port,
+    the GPU as CUDA0 under CUDA_VISIBLE_DEVICES): both loaded, one request on each at the
+    same time. Only when the GPU's memory holds both plans."""
+    r: dict[str, Any] = {
+        "profile": ip["profile"],
+        "plan_total_mib": ip["plan_total_mib"],
+        "needs_mib": ip["needs_mib"],
+        "gpu_memory_mib": gpu_memory_mib,
+        "served": False,
+        "instances": [],
+        "skipped": [],
+    }
+    if gpu_memory_mib < ip["needs_mib"]:
+        r["skipped"].append(
+            f"the GPU's {gpu_memory_mib} MiB hold fewer than {len(ip['instances'])} x "
+            f"{ip['plan_total_mib']} MiB"
+        )
+        return r
+    key = work / "api-key"
+    key.write_text(API_KEY + "\n")
+    threads = max(1, (os.cpu_count() or 16) // len(ip["instances"]))
+    env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    end = time.monotonic() + granted
+    procs = []
+    try:
+        for x in ip["instances"]:
+            args = fill_args(x["args"], str(model), str(key), threads)
+            log_path = work / f"server-instance-{x['index']}.log"
+            with open(log_path, "wb") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [str(bin_dir / "llama-server"), *args],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        env={**env, "CUDA_VISIBLE_DEVICES": str(x["gpu"])},
+                    )
+                )
+            r["instances"].append({"index": x["index"], "port": PORT + x["index"], "args": args})
+        t0 = time.monotonic()
+        for x, proc in zip(r["instances"], procs, strict=True):
+            x["loaded"] = _ready(max(5.0, end - time.monotonic() - 15), proc, x["port"])
+        r["load_s"] = round(time.monotonic() - t0, 1)
+        for x in r["instances"]:
+            text = (work / f"server-instance-{x['index']}.log").read_text(errors="replace")
+            rep = logparse.parse(text)
+            x["offloaded"] = f"{rep.offloaded}/{rep.total_layers}" if rep.offloaded else None
+            x["cuda_mib"] = rep.cuda_mib()
+        smi = _run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], 10)
+        r["gpu_memory_used_mib"] = smi.stdout.strip().splitlines()[0] if smi.stdout else None
+        if not all(x["loaded"] for x in r["instances"]):
+            r["skipped"].append("requests: an instance did not become ready")
+            return r
+        rng = random.Random(1)  # noqa: S311  (token ids, not secrets)
+        body = {"n_predict": 64, "ignore_eos": True, "cache_prompt": False}
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(len(procs)) as pool:
+            docs = list(
+                pool.map(
+                    lambda x: _post(
+                        "/completion",
+                        {**body, "prompt": _ids(DECODE_PROMPT_TOKENS, rng, n_vocab)},
+                        60,
+                        x["port"],
+                    ),
+                    r["instances"],
+                )
+            )
+        wall = time.monotonic() - t0
+        for x, d in zip(r["instances"], docs, strict=True):
+            x["decode_tok_s"] = round(float(d["timings"]["predicted_per_second"]), 2)
+        made = sum(int(d["timings"]["predicted_n"]) for d in docs)
+        r["aggregate_tok_s"] = round(made / wall, 2)
+        r["served"] = True
+    except Exception as e:  # recorded; llama-bench still runs
+        r["skipped"].append(f"error: {type(e).__name__}: {e}")
+    finally:
+        for proc in procs:
+            _stop(proc)
     return r
 
 
@@ -436,6 +538,17 @@ def main(argv: list[str] | None = None) -> int:
             int(plan["shape"]["n_vocab"]),
         )
         budget.note(f"profile {name}", time.monotonic() - t)
+        _save(res, a.out, budget)
+
+    ip = plan.get("instances")
+    granted = budget.grant("two instances", B.INSTANCES_S, min_s=B.INSTANCES_MIN_S) if ip else 0
+    if granted:
+        t = time.monotonic()
+        res["instances"] = serve_instances(
+            ip, bin_dir, model, a.work, int(res["gpu"]["memory_mib"]), granted,
+            int(plan["shape"]["n_vocab"]),
+        )  # fmt: skip
+        budget.note("two instances", time.monotonic() - t)
         _save(res, a.out, budget)
 
     granted = budget.grant("llama-bench", B.BENCH_S, min_s=30)

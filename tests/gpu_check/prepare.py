@@ -16,6 +16,7 @@ usage: python -m tests.gpu_check.prepare [PREPARED]   (default .cache/gpu_check)
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -24,6 +25,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from llamahost import instances as inst
 from llamahost.build import BASE_CMAKE_ARGS, BUILD_TARGETS
 from llamahost.config import PINNED_LLAMA_CPP_COMMIT
 from llamahost.gguf_header import Header, LongArray, Tensor
@@ -148,6 +150,35 @@ def profile_plan(name: str, shape: ModelShape) -> dict[str, Any]:
     }
 
 
+INSTANCES_PROFILE = "low-latency"  # the smallest plan: two of it fit an 80 GB GPU
+
+
+def instances_plan(shape: ModelShape, n: int = 2) -> dict[str, Any]:
+    """Two instances of the smallest profile on the lent GPU, as the deploy renders a host
+    with ``llama_instances: 2`` and one GPU (llamahost/instances.py): each its own port
+    ({port} + N on the device), the GPU as CUDA0 under CUDA_VISIBLE_DEVICES, threads shared.
+    Served only where the GPU's memory holds ``n`` times the plan's total."""
+    spec = resolve_host("gpu-check", {"llama_profile": INSTANCES_PROFILE, "llama_instances": n})
+    one_gpu = inst.Topology((inst.GpuTopo("0000:00:00.0", "0000", None, ()),), 1)
+    spec = dataclasses.replace(spec, topology=one_gpu)
+    args = []
+    for x in spec.instances:
+        a = server_args(spec.cfg, 0, x)
+        for flag, placeholder in PLACEHOLDERS.items():
+            a[a.index(flag) + 1] = placeholder
+        a[a.index("--port") + 1] = f"{{port+{x.index}}}"
+        a[a.index("--threads") + 1] = "{threads}"
+        args.append({"index": x.index, "gpu": x.gpu, "args": a})
+    hp = plan_host(spec, shape, "generated GGUF tensor table")
+    assert hp.est is not None
+    return {
+        "profile": INSTANCES_PROFILE,
+        "instances": args,
+        "plan_total_mib": round(hp.est.total_gpu / MIB, 2),
+        "needs_mib": round(n * hp.est.total_gpu / MIB, 2),
+    }
+
+
 def plan() -> dict[str, Any]:
     shape = generated_shape()
     assert set(ORDER) == set(GPU_PROFILES), "the check serves every GPU profile"
@@ -158,6 +189,7 @@ def plan() -> dict[str, Any]:
         "cmake_args": list(BASE_CMAKE_ARGS),
         "shape": shape.to_dict(),
         "profiles": {name: profile_plan(name, shape) for name in ORDER if name in PROFILES},
+        "instances": instances_plan(shape),
     }
 
 

@@ -448,3 +448,31 @@ def test_a_failed_build_is_recorded_and_nothing_is_served(
     assert "-DGGML_CUDA=ON" in doc["build"]["cmake_args"]
     assert "every profile: no build or no model" in doc["skipped"]
     assert doc["profiles"] == {}
+
+
+# ---------------------------------------------------------------- two instances on the GPU
+def test_the_two_instances_are_the_deploys_instances_of_a_one_gpu_host() -> None:
+    """As the deploy renders `llama_instances: 2` on a host with one GPU: each instance on
+    its own port, the GPU as CUDA0 under CUDA_VISIBLE_DEVICES=0, the threads shared."""
+    ip = prepare.plan()["instances"]
+    assert ip["profile"] == "low-latency"
+    assert ip["needs_mib"] == pytest.approx(2 * ip["plan_total_mib"], abs=0.02)
+    cfg = resolve_host("gpu-check", {"llama_profile": "low-latency"}).cfg
+    for x in ip["instances"]:
+        assert x["gpu"] == 0
+        body = check.fill_args(x["args"], "/m.gguf", "/k", 8)[:-2]
+        assert body[body.index("--port") + 1] == str(check.PORT + x["index"])
+        assert body[body.index("--device") + 1] == "CUDA0"
+        assert body[body.index("--threads") + 1] == "8"
+        rendered = server_args(cfg, cpu_count=8)
+        differ = {rendered[i - 1] for i, (a, b) in enumerate(zip(body, rendered, strict=True))
+                  if a != b}  # fmt: skip
+        assert differ <= {"-m", "--port", "--api-key-file"}
+
+
+def test_two_instances_are_skipped_when_the_gpu_cannot_hold_both(tmp_path: Path) -> None:
+    ip = prepare.plan()["instances"]
+    r = check.serve_instances(ip, tmp_path / "no-bin", tmp_path / "m.gguf", tmp_path, 40960,
+                              60, 1000)  # fmt: skip
+    assert r["served"] is False and r["instances"] == []
+    assert r["skipped"] == [f"the GPU's 40960 MiB hold fewer than 2 x {ip['plan_total_mib']} MiB"]

@@ -306,12 +306,7 @@ def serve_profile(
     except Exception as e:  # recorded, and the next profile still runs
         r["skipped"].append(f"error: {type(e).__name__}: {e}")
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc)
         r["log_tail"] = log_path.read_text(errors="replace").splitlines()[-25:]
     return r
 

@@ -88,23 +88,23 @@ plan: venv
 lock: venv
 	$(BIN)/python -m llamahost lock $(INVENTORY)
 
-# After `make demo`, `make bench INVENTORY=inventory/local.py` sweeps the demo host (its two
-# llama-servers at once, a report each and the host's) with the demo's settings and the tiny
-# model's tokenizer (the demo's Hub endpoint is gone once it is up).
+# After `make demo`, `make bench INVENTORY=inventory/local.py` sweeps the demo through its
+# gateway (as `make demo-bench` does) with the demo's settings and the tiny model's tokenizer
+# (the demo's Hub endpoint is gone once it is up).
 DEMO_UP = $(and $(filter inventory/local.py,$(INVENTORY)),$(wildcard .cache/demo/clients))
 DEMO_ENV = LLAMAHOST_LOCAL_GATEWAY=1 LLAMAHOST_LOCAL_MONITORING=1 LLAMAHOST_LOCAL_INSTANCES=2
 
 bench: venv bench-venv
 	$(if $(DEMO_UP),$(DEMO_ENV)) $(BIN)/python -m llamahost bench $(INVENTORY) \
-		$(if $(LIMIT),--limit $(LIMIT)) $(if $(DEMO_UP),--tokenizer .cache/demo/tokenizer)
+		$(if $(LIMIT),--limit $(LIMIT)) \
+		$(if $(DEMO_UP),--gateway --tokenizer .cache/demo/tokenizer)
 
 demo: sysdeps venv
 	$(BIN)/python -m tests.support.demo up
 
-# The demo through its gateway, swept with aiperf (`python -m llamahost bench INV --gateway`).
-demo-bench: venv bench-venv
-	$(DEMO_ENV) $(BIN)/python -m llamahost bench inventory/local.py --gateway \
-		--tokenizer .cache/demo/tokenizer
+# The demo through its gateway, swept with aiperf: the same as the line above.
+demo-bench:
+	$(MAKE) bench INVENTORY=inventory/local.py
 
 # A rolling change of the demo, watched: `make demo-roll TEMP=0.5`.
 demo-roll: venv

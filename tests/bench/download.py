@@ -14,11 +14,13 @@ The script fsyncs its file before promoting it (the verify-then-promote rule): c
 is also given with its file fsynced after it (not in the first ratio; docs/download.md,
 Throughput).
 --script compares another version of the script (`git show REV:files/llama_fetch_model.py`).
+--json PATH also writes the figures as JSON (the GPU check's download step reads it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -37,6 +39,7 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--script", default=str(REPO / "files" / "llama_fetch_model.py"))
+    ap.add_argument("--json", type=Path, help="also write the figures here")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "hub"
@@ -97,6 +100,23 @@ def main() -> int:
                 run_fixed(i)
     c, cs, f = statistics.median(curl), statistics.median(synced), statistics.median(fetch)
     fc, ff = statistics.median(fixed["curl"]), statistics.median(fixed["fetch"])
+    figures = {
+        "mib": a.mib,
+        "rounds": a.rounds,
+        "curl_s": round(c, 3),
+        "curl_fsynced_s": round(cs, 3),
+        "fetch_s": round(f, 3),
+        "curl_mib_s": round(a.mib / c, 1),
+        "fetch_mib_s": round(a.mib / f, 1),
+        # the goal's figure: the script's throughput against curl's, same file, same run
+        "throughput_ratio": round(c / f, 3),
+        "throughput_ratio_fsynced": round(cs / f, 3),
+        "small_curl_s": round(fc, 3),
+        "small_fetch_s": round(ff, 3),
+        "transfer_ratio": round((c - fc) / (f - ff), 3) if f > ff else None,
+        "transfer_ratio_fsynced": round((cs - fc) / (f - ff), 3) if f > ff else None,
+        "rounds_s": {"curl": [round(x, 3) for x in curl], "fetch": [round(x, 3) for x in fetch]},
+    }
     print(
         f"{a.mib} MiB, median of {a.rounds}: curl {c:.2f} s ({a.mib / c:.0f} MiB/s; "
         f"{cs:.2f} s with its file fsynced), fetch {f:.2f} s ({a.mib / f:.0f} MiB/s, sha256, "
@@ -105,9 +125,12 @@ def main() -> int:
     )
     print(
         f"1 MiB file: curl {fc:.2f} s, fetch {ff:.2f} s; without that fixed cost, throughput "
-        f"ratio {(c - fc) / (f - ff):.2f} ({(cs - fc) / (f - ff):.2f} against curl with fsync)"
+        f"ratio {figures['transfer_ratio']} ({figures['transfer_ratio_fsynced']} against curl "
+        "with fsync)"
     )
-    print(f"rounds: curl {[round(x, 2) for x in curl]}, fetch {[round(x, 2) for x in fetch]}")
+    print(f"rounds: curl {figures['rounds_s']['curl']}, fetch {figures['rounds_s']['fetch']}")
+    if a.json:
+        a.json.write_text(json.dumps(figures, indent=1) + "\n")
     return 0
 
 

@@ -11,6 +11,8 @@ TOTAL_S = 570.0  # of the 600 s a device command may run: 30 s for writing the J
 
 # Planned seconds per step (budgeted from docs/facts.md's build times: 5-6 min on 8 cores for
 # the whole CUDA build; the check builds two targets on 16).
+DOWNLOAD_S = 30.0  # the download benchmark, first, on an idle machine (tests/bench/download.py)
+DOWNLOAD_MIN_S = 15.0
 BUILD_S = 330.0  # the most the build may take; it is stopped past this
 PROFILE_S = 70.0  # load (26 GB from the page cache), warm-up, prompt, decode sweep
 PROFILE_MIN_S = 40.0  # a profile gets at least this or is skipped

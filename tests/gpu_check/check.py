@@ -12,7 +12,10 @@ Steps, each within llamahost-free budget.Budget (570 s in all):
  3. per profile (low-latency, balanced, long-context), the arguments the deploy renders plus
     `-lv 4`: load, the log's offload and buffer lines against the plan, a warm-up, prompt
     tokens/s, decode tokens/s single-stream and aggregate at 1..slots; then stop the server;
- 4. llama-bench if time is left.
+ 4. two instances of low-latency on the one GPU, when its memory holds both;
+ 5. llama-bench if time is left.
+Before all of them, on the still idle machine: the download benchmark (tests/bench/download.py,
+the fetch script against curl, with the prepared pylib/ holding huggingface_hub).
 The JSON is written after every step, so a run stopped from outside still leaves one.
 """
 
@@ -25,6 +28,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -40,6 +44,10 @@ SCHEMA = 1
 PORT = 18080
 API_KEY = "gpu-check-key"
 PROMPT_TOKENS = 2048
+DOWNLOAD_MIB = 512  # three rounds of it fit DOWNLOAD_S even on a slow disk (fsync included)
+DOWNLOAD_ROUNDS = 3
+DOWNLOAD_GOAL = 0.8  # the fetch script's throughput over curl's, whole run (docs/download.md)
+REPO = Path(__file__).resolve().parents[2]
 DECODE_PROMPT_TOKENS = 16
 
 
@@ -53,6 +61,7 @@ def result_skeleton() -> dict[str, Any]:
         "build": {"ok": False},
         "model": {"ok": False},
         "profiles": {},
+        "download": None,
         "bench": None,
         "skipped": [],
         "errors": [],
@@ -117,6 +126,44 @@ def _save(res: dict[str, Any], out: Path, budget: B.Budget) -> None:
 
 def _run(cmd: list[str], timeout: float, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kw)
+
+
+def download(
+    prepared: Path,
+    work: Path,
+    seconds: float,
+    mib: int = DOWNLOAD_MIB,
+    rounds: int = DOWNLOAD_ROUNDS,
+    python: str = sys.executable,
+) -> dict[str, Any]:
+    """The download benchmark with this interpreter and the prepared pylib/ (huggingface_hub
+    and what it needs, at the toolkit's pins): the fetch script's throughput against curl's,
+    same file, same local endpoint, and whether it meets the goal."""
+    lib = prepared / "pylib"
+    if not (lib / "huggingface_hub").is_dir():
+        return {"ok": False, "error": f"no {lib}/huggingface_hub: rerun the prepare step"}
+    out = work / "download.json"
+    out.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(lib), str(REPO)])}
+    cmd = [python, "-m", "tests.bench.download", "--mib", str(mib),
+           "--rounds", str(rounds), "--json", str(out)]  # fmt: skip
+    try:
+        p = _run(cmd, seconds, env=env, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"stopped after {seconds:.0f} s"}
+    if p.returncode != 0 or not out.exists():
+        return {"ok": False, "error": (p.stderr or p.stdout)[-2000:]}
+    fig = json.loads(out.read_text())
+    return {
+        "ok": True,
+        **fig,
+        "goal": DOWNLOAD_GOAL,
+        "goal_met": fig["throughput_ratio"] >= DOWNLOAD_GOAL,
+        "python": _run(
+            [python, "-c", "import sys; print(sys.version.split()[0])"], 30
+        ).stdout.strip(),
+        "cpus": os.cpu_count(),
+    }
 
 
 def gpu_info() -> dict[str, Any]:
@@ -471,6 +518,16 @@ def main(argv: list[str] | None = None) -> int:
         _save(res, a.out, budget)
         return 1
     budget.note("gpu_info", time.monotonic() - t)
+
+    # The download benchmark first, while nothing else runs (the build takes every core).
+    granted = budget.grant(
+        "download", B.DOWNLOAD_S, min_s=B.DOWNLOAD_MIN_S, keep_s=B.BUILD_S + B.PROFILE_MIN_S
+    )
+    if granted:
+        t = time.monotonic()
+        res["download"] = download(a.prepared, a.work, granted)
+        budget.note("download", time.monotonic() - t)
+        _save(res, a.out, budget)
 
     # The model is written while the build runs (disk and one core against nvcc's 15).
     model = a.work / "seed-oss-36b-random-ud-q5_k_xl.gguf"

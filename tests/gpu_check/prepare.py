@@ -6,6 +6,10 @@ installed and the pinned source archive is cached):
   never read: models/, docs/, media/, tests/, examples/, pocs/, benches/ and the other ggml
   backends (all behind CMake options that are off: LLAMA_BUILD_TESTS/EXAMPLES OFF, no
   GGML_<backend>);
+* PREPARED/pylib/: huggingface_hub and the pure-Python part of what it requires, copied file
+  by file from this virtualenv (the pinned versions), for the download benchmark on the
+  device, whose Python is not the virtualenv's: hf_xet (compiled only) stays here, and PyYAML
+  travels without its C extension (it falls back to pure Python, `yaml.__with_libyaml__`);
 * PREPARED/plan.json: for each GPU profile, the llama-server arguments the deploy renders
   (llamahost.render.server_args, the spec of a host with that profile) and the plan's memory
   estimate for the generated model (llamahost.plan.plan_host on the generated file's tensor
@@ -18,8 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import importlib.metadata as md
 import io
 import json
+import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -39,6 +45,9 @@ from tests.gpu_check import seedgguf
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = REPO / ".cache" / "gpu_check"
 SOURCE_NAME = "llama.cpp-src.tar.gz"
+PYLIB_NAME = "pylib"
+PYLIB_ROOT = "huggingface_hub"  # what files/llama_fetch_model.py imports beyond the stdlib
+PURE_FALLBACK = {"pyyaml"}  # compiled parts optional: copied without them
 LIMIT_BYTES = 60_000_000
 
 # Top-level folders of the source the two targets never read, and ggml backends left off.
@@ -179,6 +188,59 @@ def instances_plan(shape: ModelShape, n: int = 2) -> dict[str, Any]:
     }
 
 
+def _requires(dist: md.Distribution) -> list[str]:
+    """The names dist requires on this interpreter, extras left out."""
+    from packaging.requirements import Requirement
+
+    names = []
+    for line in dist.requires or []:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            names.append(req.name)
+    return names
+
+
+def pylib(out: Path, root: str = PYLIB_ROOT) -> dict[str, Any]:
+    """Copy root's distribution and those it requires, each file its RECORD lists, into out
+    (a folder for PYTHONPATH). A distribution with compiled files is left out and named,
+    but for those with a pure-Python fallback, copied without those files."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    todo, seen = [root], set()
+    copied: dict[str, str] = {}
+    compiled: list[str] = []
+    size = 0
+    while todo:
+        name = todo.pop()
+        dist = md.distribution(name)
+        key = dist.metadata["Name"].lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        files = [f for f in dist.files or [] if not str(f).startswith("..")]
+        native = [f for f in files if str(f).endswith((".so", ".pyd"))]
+        if native:
+            compiled.append(f"{key}=={dist.version}")
+            if key not in PURE_FALLBACK:
+                continue
+        for f in files:
+            src = Path(str(f.locate()))
+            if "__pycache__" in f.parts or f in native or not src.is_file():
+                continue
+            dst = out / str(f)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            size += src.stat().st_size
+        copied[key] = dist.version
+        todo.extend(_requires(dist))
+    return {
+        "dists": dict(sorted(copied.items())),
+        "compiled_left_out": sorted(compiled),
+        "bytes": size,
+    }
+
+
 def plan() -> dict[str, Any]:
     shape = generated_shape()
     assert set(ORDER) == set(GPU_PROFILES), "the check serves every GPU profile"
@@ -203,7 +265,7 @@ def main(argv: list[str]) -> int:
             f"trimmed source is {src['bytes_unpacked']} bytes, over {LIMIT_BYTES}", file=sys.stderr
         )
         return 1
-    doc = {**plan(), "source": src}
+    doc = {**plan(), "source": src, "pylib": pylib(out_dir / PYLIB_NAME)}
     (out_dir / "plan.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps({"dir": str(out_dir), **src}))
     return 0

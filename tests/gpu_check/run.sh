@@ -2,7 +2,8 @@
 # The GPU check on a lent machine (README.md here). Needs the prepared folder, made on the
 # build machine with `python -m tests.gpu_check.prepare` and carried to the device:
 #   run(command="bash tests/gpu_check/run.sh", carry=[".cache/gpu_check"], timeout_s=600)
-# Writes $OUT/gpu_check.json (or ./gpu_check.json without $OUT). Standard library + numpy.
+# Writes $OUT/gpu_check.json (or ./gpu_check.json without $OUT). Standard library + numpy, and
+# the prepared pylib/ (huggingface_hub) for the download benchmark.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$repo"
@@ -27,6 +28,9 @@ echo "== $out (rc $rc)"
 import json, sys
 d = json.load(open(sys.argv[1]))
 print("gpu:", d["gpu"], "build ok:", d["build"].get("ok"), "model ok:", d["model"].get("ok"))
+dl = d.get("download") or {}
+print("download:", {k: dl.get(k) for k in ("ok", "mib", "curl_mib_s", "fetch_mib_s",
+      "throughput_ratio", "transfer_ratio", "goal_met", "error") if k in dl})
 for name, p in d["profiles"].items():
     one = next((x["single_stream_tok_s"] for x in p["decode"] if x["concurrency"] == 1), None)
     agg = max((x["aggregate_tok_s"] for x in p["decode"]), default=None)

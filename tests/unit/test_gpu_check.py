@@ -6,6 +6,8 @@ carries against what the deploy renders, the time budget and the JSON's shape.""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -360,6 +362,8 @@ def test_the_budget_fits_the_device_limit() -> None:
     # stays near its plan
     assert B.BUILD_S + B.PROFILE_MIN_S <= B.TOTAL_S
     assert B.BUILD_S + 3 * B.PROFILE_S + B.BENCH_S <= B.TOTAL_S + 15
+    # with the download benchmark first, all of them fit when the build ends 45 s early
+    assert B.DOWNLOAD_S + B.BUILD_S + 3 * B.PROFILE_S + B.BENCH_S <= B.TOTAL_S + 45
 
 
 # ---------------------------------------------------------------- the JSON
@@ -476,3 +480,32 @@ def test_two_instances_are_skipped_when_the_gpu_cannot_hold_both(tmp_path: Path)
                               60, 1000)  # fmt: skip
     assert r["served"] is False and r["instances"] == []
     assert r["skipped"] == [f"the GPU's 40960 MiB hold fewer than 2 x {ip['plan_total_mib']} MiB"]
+
+
+# ---------------------------------------------------------------- the download step
+def test_the_download_step_runs_on_a_bare_python_with_the_prepared_pylib(tmp_path: Path) -> None:
+    """The device's Python has no virtualenv: this one's base interpreter, which lacks
+    huggingface_hub, runs the step with only the repository and the copied pylib/."""
+    prepared = tmp_path / "prepared"
+    info = prepare.pylib(prepared / "pylib")
+    assert info["dists"]["huggingface_hub"] == "2.4.0"  # the toolkit's pin travels
+    assert "hf-xet" not in info["dists"] and info["bytes"] < 20_000_000
+    bare = str(Path(sys.base_prefix) / "bin" / "python3")
+    no_hub = subprocess.run([bare, "-c", "import huggingface_hub"], capture_output=True,
+                            check=False)  # fmt: skip
+    assert no_hub.returncode != 0  # the bare interpreter alone has no huggingface_hub
+    r = check.download(prepared, tmp_path, 120, mib=8, rounds=1, python=bare)
+    assert r["ok"] is True, r
+    assert r["python"] == sys.version.split()[0]  # this one's base, not the virtualenv's
+    assert r["mib"] == 8 and r["curl_s"] > 0 and r["fetch_s"] > 0
+    assert r["throughput_ratio"] > 0
+    assert r["goal"] == 0.8 and r["goal_met"] == (r["throughput_ratio"] >= 0.8)
+
+
+def test_the_download_step_without_the_pylib_says_to_prepare(tmp_path: Path) -> None:
+    r = check.download(tmp_path, tmp_path, 10)
+    assert r["ok"] is False and "rerun the prepare step" in r["error"]
+
+
+def test_the_download_step_leaves_the_build_and_a_profile_their_time() -> None:
+    assert B.DOWNLOAD_S + B.BUILD_S + B.PROFILE_MIN_S <= B.TOTAL_S

@@ -33,6 +33,7 @@ from llamahost.checks import ConfigError
 from llamahost.gateway import haproxy as hx
 from llamahost.gateway.clients import client_map, read_client_keys
 from llamahost.gateway.settings import GROUP, GatewayConfig, controller_file
+from llamahost.gateway.tls import SELF_SIGNED_KEY_ARGS
 from llamahost.spec import HostSpec
 from tasks import monitoring, rolling, secret
 from tasks.activate import activate, checked_put
@@ -229,7 +230,7 @@ def _self_signed_command(subject: str, names: str) -> str:
     tmp = layout.GATEWAY_STAGED_PEM
     req = shlex.join(
         [
-            "openssl", "req", "-x509", "-newkey", "rsa:3072", "-nodes",
+            "openssl", "req", "-x509", *SELF_SIGNED_KEY_ARGS, "-nodes",
             "-days", str(SELF_SIGNED_DAYS), "-subj", subject,
             "-addext", f"subjectAltName={names}",
             "-keyout", f"{tmp}.key", "-out", f"{tmp}.crt",

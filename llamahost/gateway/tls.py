@@ -31,6 +31,12 @@ from pathlib import Path
 CERT = "gateway_tls_cert"
 KEY = "gateway_tls_key"
 
+# The self-signed certificate's key (openssl req arguments): ECDSA P-256. A client that opens
+# a new connection per request pays a full handshake each time, and the server's signature
+# is most of it: measured with the sync openai SDK, which drops its connection after every
+# stream, ECDSA P-256 against RSA 3072 (docs/gateway.md#overhead).
+SELF_SIGNED_KEY_ARGS = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")
+
 _PEM_CERT = re.compile(r"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.DOTALL)
 _ENCRYPTED = ("-----BEGIN ENCRYPTED PRIVATE KEY-----", "Proc-Type: 4,ENCRYPTED")
 _MONTHS = {m: i for i, m in enumerate(calendar.month_abbr) if m}

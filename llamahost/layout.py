@@ -130,6 +130,11 @@ GATEWAY_STAGED_CONFIG = f"{GATEWAY_DIR}/haproxy.cfg.staged"
 HAPROXY_CHROOT = "/var/lib/haproxy"
 GATEWAY_SOCKETS_IN_CHROOT = "/llamahost"
 GATEWAY_SOCKETS_DIR = HAPROXY_CHROOT + GATEWAY_SOCKETS_IN_CHROOT
+# The local peer (the stick tables handed from the old process to the new one at a reload)
+# listens in the same 0700 directory. The old process connects to it from inside the chroot
+# by the full path it was bound at, which a link in the chroot leads back to the directory.
+GATEWAY_PEERS_SOCKET = f"{GATEWAY_SOCKETS_DIR}/peers.sock"
+GATEWAY_SOCKETS_LINK = HAPROXY_CHROOT + GATEWAY_SOCKETS_DIR  # -> GATEWAY_SOCKETS_IN_CHROOT
 # The served hosts' firewall (llama_firewall): an nftables table of the toolkit's own, loaded
 # by a unit of its own (Debian's nftables.service would flush every other table).
 FIREWALL_UNIT = "llamahost-firewall.service"

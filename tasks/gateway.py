@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import posixpath
 import re
 import shlex
 from collections.abc import Generator
@@ -114,6 +115,22 @@ def install(spec: HostSpec) -> None:
         user="haproxy",
         group="haproxy",
         mode="0700",
+    )
+    # The old process reaches the local peer from inside its chroot by the socket's full
+    # path: a link there leads back to the sockets directory (docs/gateway.md#fairness-and-reloads).
+    files.directory(
+        name="Gateway local peer: the sockets directory's path inside HAProxy's chroot",
+        path=posixpath.dirname(layout.GATEWAY_SOCKETS_LINK),
+        user="root",
+        group="root",
+        mode="0755",
+    )
+    files.link(
+        name="Gateway local peer: its link to the sockets directory inside the chroot",
+        path=layout.GATEWAY_SOCKETS_LINK,
+        target=layout.GATEWAY_SOCKETS_IN_CHROOT,
+        user="root",
+        group="root",
     )
     changed = [
         _client_keys(gw),

@@ -150,6 +150,8 @@ def haproxy_cfg(gateway: str, gw: GatewayConfig, backends: list[Server]) -> str:
         pem=layout.GATEWAY_PEM,
         clients_map=layout.GATEWAY_CLIENTS_MAP,
         backend_keys_map=layout.GATEWAY_BACKEND_KEYS_MAP,
+        peers=bool(gw.gateway_rate_limit or gw.gateway_auth_failure_limit),
+        peers_socket=layout.GATEWAY_PEERS_SOCKET,
     )
 
 

@@ -148,7 +148,8 @@ GATEWAY_SETTINGS: tuple[Setting, ...] = (
         "gateway_rate_limit",
         600,
         integer(0, 1_000_000),
-        "Requests per minute per client key; above it the gateway answers 429. 0: no limit.",
+        "Requests per minute per client key, per gateway, kept across reloads; above it the "
+        "gateway answers 429. 0: no limit.",
     ),
     Setting(
         "gateway_max_in_flight",

@@ -64,3 +64,29 @@ def test_every_served_host_is_in_rotation(
     names = {hx.server_name(t.name) for t in request.config.stash[TARGETS] if t.spec.serves}
     assert set(stats) == names, f"servers {sorted(stats)}, inventory {sorted(names)}"
     assert hx.out_of_rotation(stats) == [], {n: s.status for n, s in stats.items()}
+
+
+def test_the_limits_outlive_a_reload(
+    gateway: Target, host: Any, request: pytest.FixtureRequest
+) -> None:
+    """docs/gateway.md#fairness-and-reloads: with a rate limit or a failed-authentication
+    limit, the running HAProxy has its local peer, on a socket only HAProxy's user can
+    reach, and the link that leads a reloaded (old) process back to it from its chroot."""
+    served = [t.spec for t in request.config.stash[TARGETS] if t.spec.serves]
+    want = hx.haproxy_cfg(gateway.name, gateway.spec.gateway, hx.servers(gateway.name, served))
+    if "peers llamahost" not in want:
+        pytest.skip(f"{gateway.name} has no rate limit and no failed-authentication limit")
+    d = host.file(layout.GATEWAY_SOCKETS_DIR)
+    assert (d.user, d.group, d.mode) == ("haproxy", "haproxy", 0o700), layout.GATEWAY_SOCKETS_DIR
+    sock = host.file(layout.GATEWAY_PEERS_SOCKET)
+    assert sock.is_socket, f"{layout.GATEWAY_PEERS_SOCKET} is not a socket"
+    assert (sock.user, sock.mode) == ("haproxy", 0o600), layout.GATEWAY_PEERS_SOCKET
+    link = host.run(f"readlink {layout.GATEWAY_SOCKETS_LINK}")
+    assert link.stdout.strip() == layout.GATEWAY_SOCKETS_IN_CHROOT, (
+        f"{layout.GATEWAY_SOCKETS_LINK} must link to {layout.GATEWAY_SOCKETS_IN_CHROOT}: "
+        "without it a reload starts the limits' counts again"
+    )
+    peers = host.run(
+        f"echo 'show peers' | socat -t 5 stdio unix-connect:{layout.HAPROXY_ADMIN_SOCKET}"
+    )
+    assert "id=local(local" in peers.stdout, peers.stdout[-500:]

@@ -381,7 +381,7 @@ def test_compliance_passes_fails_on_a_breakage_and_a_rerun_repairs(
     first = compliance(g, tmp_path)
     gateways = (f"[{g.name}]", f"[{g.second.name}]")
     mine = {k: v for k, v in first.items() if k.endswith(gateways)}
-    assert len(mine) == 6 and set(mine.values()) == {"passed"}, first
+    assert len(mine) == 8 and set(mine.values()) == {"passed"}, first
     others = {k: v for k, v in first.items() if not k.endswith(gateways)}
     assert others and set(others.values()) == {"skipped"}, first
     # Break: a key map readable by everyone, a host drained by hand.
@@ -389,8 +389,10 @@ def test_compliance_passes_fails_on_a_breakage_and_a_rerun_repairs(
     g.fleet.sh(g.name, f"chmod 0644 {layout.GATEWAY_CLIENTS_MAP}")
     g.fleet.sh(g.name, f"echo '{hx.set_state(drained, 'maint')}' | socat stdio "
                f"unix-connect:{layout.HAPROXY_ADMIN_SOCKET}")  # fmt: skip
+    g.fleet.sh(g.name, f"rm {layout.GATEWAY_SOCKETS_LINK}")  # a reload would forget the limits
     broken = compliance(g, tmp_path)
     assert broken[f"test_gateway_secrets_are_root_haproxy_0640[{g.name}]"] == "failure"
+    assert broken[f"test_the_limits_outlive_a_reload[{g.name}]"] == "failure"
     assert broken[f"test_every_served_host_is_in_rotation[{g.name}]"] == "failure"
     # A rerun puts the mode back (no reload); a host put out by hand is the operator's to
     # bring back (the deploy does not override a drain it did not make).
@@ -1151,6 +1153,19 @@ def test_revoking_a_key_and_a_rate_limit_are_a_hitless_reload(gateway: Gateway) 
     assert codes[:5] == [200] * 5 and 429 in codes[5:], codes
     r = g.get("/v1/models", g.clients["alice"])
     assert r.status_code == 429 and r.headers.get("Retry-After") == "60"
+    # Another reload (a client added) keeps the count: the old process hands its tables
+    # to the new one (the local peer), and alice is still over her limit.
+    g.clients["dave"] = f"dave-{secrets.token_urlsafe(24)}"
+    g.write_keys()
+    run = g.deploy()
+    assert run.rc == 0, run.why()
+    assert any(op.startswith("Reload haproxy") for op in run.changed_operations())
+    assert g.fleet.sh(g.name, "systemctl show haproxy -p MainPID --value") == pid
+    table = g.fleet.sh(g.name, "echo 'show table llama-clients' | socat -t 5 stdio "
+                       f"unix-connect:{layout.HAPROXY_ADMIN_SOCKET}")  # fmt: skip
+    assert "key=alice " in table, table
+    assert g.get("/v1/models", g.clients["alice"]).status_code == 429
+    assert g.get("/v1/models", g.clients["dave"]).status_code == 200
 
 
 def test_a_client_key_rotates_with_an_overlap(gateway: Gateway) -> None:

@@ -8,6 +8,7 @@ import http.client
 import http.server
 import json
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -619,6 +620,96 @@ def _show_stat(sock: Path) -> str:
         while chunk := s.recv(65536):
             answer += chunk
     return answer.decode()
+
+
+def _admin(sock: Path, command: str) -> str:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(sock))
+        s.sendall(command.encode() + b"\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer.decode()
+
+
+def without_peers(cfg: str) -> str:
+    """The same configuration without its local peer: every process its own tables."""
+    cfg = cfg.replace(" peers llamahost\n", "\n").replace("    localpeer local\n", "")
+    start = cfg.index("peers llamahost\n")
+    return cfg[:start] + cfg[cfg.index("defaults\n", start) :]
+
+
+@HAPROXY
+def test_the_limits_are_kept_across_a_reload(keys_file: Path, tmp_path: Path) -> None:
+    """A reload starts a new process; the old one hands it the stick tables through the
+    local peer, so a key over its rate limit is still over it after a reload, as is an
+    address over its failed authentications. Control: the same configuration without the
+    peers section forgets both at the reload."""
+    backend = sse_server()
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    served = spec("a", {"ssh_hostname": "127.0.0.1", "llama_profile": "cpu-demo",
+                        "llama_host": "127.0.0.1", "llama_port": backend.server_port})  # fmt: skip
+    runs: dict[str, tuple[subprocess.Popen[bytes], str, Path]] = {}
+    try:
+        for name in ("peers", "control"):
+            port = _free_port()
+            gw = spec("gw", gateway_data(keys_file, llama_gateway_listen="127.0.0.1",
+                                         llama_gateway_port=port, llama_gateway_rate_limit=3,
+                                         llama_gateway_auth_failure_limit=2),
+                      gateway=True)  # fmt: skip
+            cfg = hx.haproxy_cfg("a", gw.gateway, hx.servers("a", [served]))
+            assert "peers llamahost" in cfg
+            (tmp_path / name).mkdir()
+            path = local_config(cfg if name == "peers" else without_peers(cfg), tmp_path / name)
+            assert ("peers llamahost" in path.read_text()) == (name == "peers")
+            cmd = ["haproxy", "-W", "-db", "-f", str(path)]
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            runs[name] = (proc, f"https://127.0.0.1:{port}", tmp_path / name)
+        started = time.monotonic()
+        for _, url, d in runs.values():
+            for _ in range(100):
+                with contextlib.suppress(requests.ConnectionError):
+                    if requests.get(url + "/health", verify=str(d / "c"), timeout=2).ok:
+                        break
+                time.sleep(0.1)
+
+        def get(url: str, d: Path, key: str) -> int:
+            h = {"Authorization": f"Bearer {key}"}
+            r = requests.get(url + "/v1/models", headers=h, verify=str(d / "c"), timeout=5)
+            return r.status_code
+
+        for _, url, d in runs.values():
+            assert [get(url, d, ALICE) for _ in range(4)] == [200, 200, 200, 429]
+            assert [get(url, d, "wrong-" + ALICE) for _ in range(3)] == [401, 401, 401]
+            assert get(url, d, CAROL) == 429  # this address: more than 2 failures a minute
+        # A process started without an old one waits up to 5 s for one to teach it, and only
+        # a process past that wait teaches the next (HAProxy's resync timeout).
+        time.sleep(max(0.0, 6 - (time.monotonic() - started)))
+        pids = {n: _admin(d / "admin.sock", "show info") for n, (_, _, d) in runs.items()}
+        for proc, _, _ in runs.values():
+            proc.send_signal(signal.SIGUSR2)  # the master starts a new worker: a reload
+        for n, (_, _, d) in runs.items():
+            for _ in range(100):  # the admin socket answers from the new worker
+                with contextlib.suppress(OSError):
+                    if _admin(d / "admin.sock", "show info") != pids[n]:
+                        break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"{n}: no new worker")
+        time.sleep(0.5)  # the old worker's lesson
+        _, url, d = runs["peers"]
+        table = _admin(d / "admin.sock", "show table llama-clients")
+        assert "key=alice" in table and "http_req_rate(60000)=4" in table, table
+        assert get(url, d, ALICE) == 429
+        assert get(url, d, CAROL) == 429
+        _, url, d = runs["control"]
+        assert get(url, d, CAROL) == 200 and get(url, d, ALICE) == 200  # both forgotten
+    finally:
+        for proc, _, _ in runs.values():
+            proc.terminate()
+            proc.wait(timeout=10)
+        backend.shutdown()
 
 
 @HAPROXY

@@ -66,7 +66,7 @@ def test_every_served_host_is_in_rotation(
     assert hx.out_of_rotation(stats) == [], {n: s.status for n, s in stats.items()}
 
 
-def test_the_limits_outlive_a_reload(
+def test_the_gateway_limits_outlive_a_reload(
     gateway: Target, host: Any, request: pytest.FixtureRequest
 ) -> None:
     """docs/gateway.md#fairness-and-reloads: with a rate limit or a failed-authentication

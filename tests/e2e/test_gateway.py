@@ -392,7 +392,7 @@ def test_compliance_passes_fails_on_a_breakage_and_a_rerun_repairs(
     g.fleet.sh(g.name, f"rm {layout.GATEWAY_SOCKETS_LINK}")  # a reload would forget the limits
     broken = compliance(g, tmp_path)
     assert broken[f"test_gateway_secrets_are_root_haproxy_0640[{g.name}]"] == "failure"
-    assert broken[f"test_the_limits_outlive_a_reload[{g.name}]"] == "failure"
+    assert broken[f"test_the_gateway_limits_outlive_a_reload[{g.name}]"] == "failure"
     assert broken[f"test_every_served_host_is_in_rotation[{g.name}]"] == "failure"
     # A rerun puts the mode back (no reload); a host put out by hand is the operator's to
     # bring back (the deploy does not override a drain it did not make).
@@ -1221,6 +1221,10 @@ def test_a_gateway_that_serves_nothing(gateway: Gateway, tmp_path: Path) -> None
     assert "200 OK" in th.run(probe).stdout
     denied = th.run(f"runuser -u nobody -- sh -c {shlex.quote(probe)}", check=False)
     assert "200 OK" not in denied.stdout and "Permission denied" in denied.stderr, denied
+    # Nor the local peer, which holds the limits' counts.
+    peer = f"socat -t 2 - UNIX-CONNECT:{layout.GATEWAY_PEERS_SOCKET} </dev/null"
+    denied = th.run(f"runuser -u nobody -- sh -c {shlex.quote(peer)}", check=False)
+    assert "Permission denied" in denied.stderr, denied
     junit = tmp_path / "gwonly-compliance.xml"
     results = run_compliance(g.inventory, ["test_gateway.py", "test_service.py"], junit)
     mine = {k: (v[0] if v[0] != "skipped" else v[1]) for k, v in results.items()

@@ -994,14 +994,17 @@ def _ttft(client: openai.OpenAI) -> float:
     model can sample tokens that decode to nothing: such answers are asked again."""
     for _ in range(5):
         t0 = time.monotonic()
-        for chunk in client.chat.completions.create(
+        # Closed on return: a stream left open until the garbage collector finds it stays a
+        # request in flight at the gateway, and counts against the key's share.
+        with client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=16,
             stream=True, extra_body={"ignore_eos": True},
-        ):  # fmt: skip
-            delta = chunk.choices[0].delta if chunk.choices else None
-            extra = (delta.model_extra or {}) if delta is not None else {}
-            if delta is not None and (delta.content or extra.get("reasoning_content")):
-                return time.monotonic() - t0
+        ) as stream:  # fmt: skip
+            for chunk in stream:
+                delta = chunk.choices[0].delta if chunk.choices else None
+                extra = (delta.model_extra or {}) if delta is not None else {}
+                if delta is not None and (delta.content or extra.get("reasoning_content")):
+                    return time.monotonic() - t0
     raise AssertionError("five answers without any text")
 
 
@@ -1066,6 +1069,12 @@ def test_time_to_first_token_through_the_gateway_and_direct(gateway: Gateway) ->
     key = g.fleet.sh(n, "cat /etc/llama-server/api-key").strip()
     direct = openai.OpenAI(base_url=f"{g.fleet.url(n)}/v1", api_key=key)
     via = g.client(g.clients["alice"])
+    # alice was the greedy key of the test before: its last requests may still be leaving
+    # the gateway (429 "in flight"); a key that never got its share back fails here.
+    deadline = time.monotonic() + 60
+    while g.get("/v1/models", g.clients["alice"]).status_code == 429:
+        assert time.monotonic() < deadline, "alice's requests in flight never ended"
+        time.sleep(1)
     d = sorted(_ttft(direct) for _ in range(15))
     v = sorted(_ttft(via) for _ in range(15))
     g.fleet.timings["ttft_direct_median_s"] = round(d[7], 4)

@@ -612,17 +612,11 @@ def test_every_host_server_resolves_names_and_may_start_unresolved(keys_file: Pa
 
 def _show_stat(sock: Path) -> str:
     """``show stat`` over the admin socket."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(5)
-        s.connect(str(sock))
-        s.sendall(b"show stat\n")
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-    return answer.decode()
+    return _admin(sock, "show stat")
 
 
 def _admin(sock: Path, command: str) -> str:
+    """One command over HAProxy's admin socket, and its whole answer."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(5)
         s.connect(str(sock))

@@ -28,6 +28,7 @@ from tests.unit.test_gateway import (
     ALICE,
     CAROL,
     HAPROXY,
+    _admin,
     _free_port,
     _show_stat,
     gateway_data,
@@ -223,17 +224,6 @@ def gateway(
         for s in servers:
             s.shutdown()
             s.server_close()
-
-
-def _admin(sock: Path, command: str) -> str:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(5)
-        s.connect(str(sock))
-        s.sendall(command.encode() + b"\n")
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-    return out.decode()
 
 
 def _error(body: bytes, code: int, kind: str | None = None) -> dict[str, Any]:

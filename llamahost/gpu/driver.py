@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from llamahost.checks import PREFIX, ConfigError, FieldError
 from llamahost.distro import UBUNTU_GA_KERNEL, Distribution
-from llamahost.gpu.current import HostDriver, stale_packages
+from llamahost.gpu.current import HostDriver, is_driver_package, stale_packages
 from llamahost.gpu.host import GpuError
 from llamahost.gpu.settings import GpuSettings
 
@@ -51,6 +52,14 @@ class DriverPlan:
     remove: tuple[str, ...] = ()
     unhold: tuple[str, ...] = ()
     kept: str | None = None  # why the driver that runs is kept as it is
+    # A kept driver: what the plan adds to it (headers for DKMS's next build, user space
+    # such as nvidia-smi), user space pinned ``name=version`` to the running driver's.
+    adds: tuple[str, ...] = ()
+
+
+def package_name(entry: str) -> str:
+    """``nvidia-utils-580-server=580.95.05-0ubuntu0.24.04.2`` → ``nvidia-utils-580-server``."""
+    return entry.split("=", 1)[0]
 
 
 def kernel_flavour(kernel_release: str) -> str:
@@ -105,7 +114,7 @@ def driver_plan(
     dist: Distribution,
     settings: GpuSettings,
     kernel_release: str,
-    installed: Iterable[str],
+    installed: Iterable[str] | Mapping[str, Iterable[str]],
     *,
     found: HostDriver | None = None,
     secure_boot: bool = False,
@@ -118,7 +127,10 @@ def driver_plan(
     ``secure_boot``: DKMS is refused unless its module already runs. ``available``: the
     ``linux-modules-nvidia-*`` names in apt's lists; precompiled modules need the running
     kernel's exact ABI there (None: not known, the kernel metapackage decides).
+    ``installed``: names, or names with their versions (``DebPackages``): with versions, a
+    kept driver's added user space is pinned to the version that runs.
     """
+    versions = dict(installed) if isinstance(installed, Mapping) else {}
     installed = list(installed)
     branch, flavour = settings.driver_branch, settings.driver_flavour
     source = settings.driver_source
@@ -147,13 +159,42 @@ def driver_plan(
     remove = stale_packages(
         dist.ubuntu, source, branch, flavour, plan.kernel_modules, found, plan.packages
     )
-    kept = None
-    if runs and not remove and running_kind == plan.kernel_modules:
-        kept = (
-            f"the running driver {found.loaded.version if found.loaded else ''} is branch "
-            f"{branch} {flavour} from {source} ({plan.kernel_modules}): kept"
-        )
-    return dataclasses.replace(plan, remove=remove, unhold=found.held if remove else (), kept=kept)
+    if runs and not remove and running_kind == plan.kernel_modules and found.loaded:
+        return _keep(plan, found.loaded.version, installed, versions)
+    return dataclasses.replace(plan, remove=remove, unhold=found.held if remove else ())
+
+
+def _keep(
+    plan: DriverPlan, running: str, installed: list[str], versions: Mapping[str, Iterable[str]]
+) -> DriverPlan:
+    """The running driver kept: what the plan would add changes no loaded module. Kernel
+    packages (headers, a modules metapackage) follow the kernel; user space (nvidia-smi's
+    package, say) is pinned to the package version of the driver that runs, so that apt
+    cannot bring a newer library that no longer matches the loaded module (NVML's
+    "Driver/library version mismatch"). That version is the one the installed driver
+    packages share (``580.95.05-0ubuntu0.24.04.2`` for a running 580.95.05)."""
+    ours = Counter(
+        v
+        for name, vs in versions.items()
+        if is_driver_package(name) and not name.startswith("linux-")
+        for v in vs
+        if v.split(":")[-1].startswith(running + "-")
+    )
+    pin = ours.most_common(1)[0][0] if ours else None
+    packages, adds = [], []
+    for p in plan.packages:
+        if p in installed:
+            packages.append(p)
+            continue
+        entry = f"{p}={pin}" if pin and not p.startswith("linux-") else p
+        packages.append(entry)
+        adds.append(entry)
+    kept = (
+        f"the running driver {running} is branch {plan.branch} {plan.flavour} from "
+        f"{plan.source} ({plan.kernel_modules}): kept"
+        + (f"; added without a reboot: {', '.join(adds)}" if adds else "")
+    )
+    return dataclasses.replace(plan, packages=tuple(packages), kept=kept, adds=tuple(adds))
 
 
 def _full_driver_for_headless(plan: DriverPlan, installed: list[str]) -> DriverPlan:
@@ -323,7 +364,7 @@ def off_branch(plan: DriverPlan, installed: Mapping[str, Iterable[str]]) -> tupl
     Kernel packages (linux-*) carry kernel versions and are left out.
     """
     stale = []
-    for name in plan.packages:
+    for name in map(package_name, plan.packages):
         versions = list(installed.get(name, ()))
         if name.startswith("linux-") or not versions:
             continue
@@ -347,7 +388,8 @@ def hold_needed(states: Mapping[str, bool], plan: DriverPlan) -> bool:
     """Whether a hold must run: a driver package or the pinning package is not installed
     yet, or one is not held. The pinning package counts: after a branch move it is the one
     package new to the host while every driver package is still held."""
-    wanted = {p for p in (*plan.packages, plan.pinning) if p and _held_kind(p)}
+    names = (*map(package_name, plan.packages), plan.pinning)
+    wanted = {p for p in names if p and _held_kind(p)}
     return bool(wanted - set(states)) or not all(states.values())
 
 

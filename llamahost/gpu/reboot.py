@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from llamahost.gpu.driver import DriverPlan, off_branch
+from llamahost.gpu.driver import DriverPlan, off_branch, package_name
 from llamahost.gpu.host import Probe, Smi
 from llamahost.gpu.settings import GpuSettings
 
@@ -42,8 +42,10 @@ def reboot_decision(
         return Reboot(False, False, (), None)
     reasons = []
     # Headers are for DKMS's next build; a new header package changes no loaded driver.
+    # Neither does what a kept driver gains (its user space pinned to the running version).
     driver = [p for p in plan.packages if not p.startswith("linux-headers-")]
-    missing = [p for p in driver if p not in installed]
+    missing = [package_name(p) for p in driver if p not in plan.adds]
+    missing = [p for p in missing if p not in installed]
     if missing:
         reasons.append("the driver is installed or changed (" + ", ".join(missing) + ")")
     if plan.remove:

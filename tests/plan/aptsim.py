@@ -25,11 +25,11 @@ UNIVERSE = FIXTURES / "apt-universe-ubuntu-24.04.modelled.Packages"
 
 
 def _stanzas(text: str) -> dict[str, str]:
-    out = {}
+    out: dict[str, str] = {}
     for block in text.strip().split("\n\n"):
         m = re.search(r"^Package: (\S+)$", block, re.M)
         if m:
-            out[m[1]] = block
+            out.setdefault(m[1], block)  # the first: the installed version's relations
     return out
 
 
@@ -93,10 +93,11 @@ class Simulation:
         return "".join(lines)
 
 
-def simulate(root: Path, dpkg_lines: str, shell_command: str) -> Simulation:
+def simulate(root: Path, dpkg_lines: str, shell_command: str, extra: str = "") -> Simulation:
     """Run the ``apt-mark unhold`` and the ``apt-get install`` of a planned command as
-    apt would, simulated (``-s``), in ``root``."""
-    universe = UNIVERSE.read_text()
+    apt would, simulated (``-s``), in ``root``. ``extra``: more stanzas in the lists (a
+    newer point release in the archive, say)."""
+    universe = UNIVERSE.read_text() + ("\n" + extra.strip() + "\n" if extra else "")
     if root.exists():
         shutil.rmtree(root)
     for d in (

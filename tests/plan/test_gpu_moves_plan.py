@@ -188,6 +188,75 @@ def test_the_full_metapackage_running_is_kept_without_a_package_or_a_reboot(
     assert not [c for c in installs if "nvidia" in c], installs
 
 
+# Canonical's headless set without nvidia-smi's package (the toolkit's own DKMS choice,
+# installed by hand or by an image without the utilities), running 580.95.05.
+V580 = "580.95.05-0ubuntu0.24.04.2"
+HEADLESS_580 = "".join(
+    ln
+    for ln in DKMS_580.splitlines(True)
+    if ln.split()[1] not in ("nvidia-driver-580-server-open", "nvidia-utils-580-server")
+) + "".join(
+    f"ii  {n:<41} {V580:<30} amd64        (modelled)\n"
+    for n in ("nvidia-headless-580-server-open", "nvidia-headless-no-dkms-580-server-open")
+)
+# A later point release of the branch in the archive (modelled on Canonical's -updates):
+# what an unpinned install of nvidia-utils-580-server would take, library and all.
+V580_NEXT = "580.105.08-0ubuntu0.24.04.1"
+NEXT_580 = "\n".join(
+    f"Package: {name}\nArchitecture: amd64\nVersion: {V580_NEXT}\n{fields}"
+    f"Filename: pool/{name}_{V580_NEXT}_amd64.deb\nSize: 1\nDescription: {name} (modelled)\n"
+    for name, fields in (
+        ("nvidia-firmware-580-server-580.105.08", ""),
+        (
+            "nvidia-kernel-common-580-server",
+            "Provides: nvidia-kernel-common, "
+            "nvidia-kernel-common-580-server-580.105.08\n"
+            "Depends: nvidia-firmware-580-server-580.105.08\n",
+        ),
+        (
+            "libnvidia-compute-580-server",
+            "Provides: libnvidia-compute, libcuda1\n"
+            "Depends: nvidia-kernel-common-580-server-580.105.08\n",
+        ),
+        (
+            "nvidia-utils-580-server",
+            "Provides: nvidia-utils, nvidia-smi\n"
+            "Depends: nvidia-kernel-common-580-server-580.105.08, "
+            f"libnvidia-compute-580-server (= {V580_NEXT})\n",
+        ),
+    )
+)
+
+
+def test_a_kept_driver_gains_its_utilities_at_the_running_version_without_a_reboot(
+    tmp_path: Path,
+) -> None:
+    """The running 580.95.05 headless set, kept; nvidia-smi's package is missing. It is
+    added at the version that runs (named in the plan), never a reboot; apt accepts that
+    over an archive that has a newer point release, where the unpinned install would have
+    upgraded libnvidia-compute under the loaded module (control); the rerun plans nothing."""
+    p = plan(foreign(HEADLESS_580, LOADED_580, "dkms"))
+    pinned = f"nvidia-utils-580-server={V580}"
+    (command,) = p.commands("NVIDIA driver 580 (open, dkms)")
+    assert command.endswith(" " + pinned), command
+    assert not p.has(MOVE_OP) and not p.has(REBOOT_OP)
+    decision = p.result.reboot
+    assert decision is not None and not decision.needed, decision
+    sim = aptsim.simulate(tmp_path / "aptroot", base_and(HEADLESS_580), command, extra=NEXT_580)
+    assert sim.rc == 0, sim.output
+    assert sim.acts("Inst") == ["nvidia-utils-580-server"], sim.output
+    assert f"Inst nvidia-utils-580-server ({V580} " in sim.output, sim.output
+    unpinned = aptsim.simulate(
+        tmp_path / "aptroot", base_and(HEADLESS_580), command.replace(f"={V580}", ""),
+        extra=NEXT_580,
+    )  # fmt: skip
+    assert f"Inst libnvidia-compute-580-server [{V580}] ({V580_NEXT} " in unpinned.output, (
+        unpinned.output
+    )
+    again = plan(converged(sim.applied(HEADLESS_580), LOADED_580, "dkms"))
+    assert again.changes == [], again.changes
+
+
 def test_same_branch_dkms_host_converged_plans_nothing() -> None:
     p = plan(converged(DKMS_580, LOADED_580, "dkms"))
     assert p.changes == []

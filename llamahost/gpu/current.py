@@ -30,8 +30,12 @@ _NOT_DRIVER = re.compile(
     r"nvidia-settings|nvidia-prime|nvidia-modprobe|nvidia-cuda-|nvidia-driver-pinning-)"
 )
 # Packages of one flavour or one kind of kernel module (Canonical's and NVIDIA's names).
+# Not linux-signatures-nvidia-<ABI>: one package per kernel ABI, shared by every branch
+# and flavour built for it (each linux-modules-nvidia-<b>-server[-open]-<ABI> depends on
+# it `(= version)`, with its own linux-objects-nvidia-<b>-server[-open]-<ABI>: recorded
+# `apt-cache show` output, docs/gpu-stack.md#package-relations); it carries no "open".
 _KERNEL_KIND = re.compile(
-    r"(linux-(modules|objects|signatures)-nvidia-|nvidia-headless-|nvidia-dkms-|"
+    r"(linux-(modules|objects)-nvidia-|nvidia-headless-|nvidia-dkms-|"
     r"nvidia-kernel-source-|nvidia-driver-[0-9]|nvidia-kernel-(open-)?dkms)"
 )
 # Which packages belong to one kind of kernel module, from the relations of Canonical's
@@ -48,7 +52,11 @@ _DKMS_ONLY = re.compile(r"(nvidia-dkms-|nvidia-headless-[0-9]+|nvidia-driver-[0-
 
 
 def branch_in_name(name: str) -> str | None:
-    """``libnvidia-compute-550-server`` → ``550``; NVIDIA's Debian names carry none."""
+    """``libnvidia-compute-550-server`` → ``550``; NVIDIA's Debian names carry none, nor
+    does ``linux-signatures-nvidia-<ABI>`` (shared by every branch: its ``161`` in
+    ``5.15.0-161-generic`` is the kernel's)."""
+    if name.startswith("linux-signatures-nvidia-"):
+        return None
     m = re.search(r"(?<![0-9.])([0-9]{3})(?=-|$)", name)
     return m[1] if m else None
 

@@ -313,7 +313,9 @@ def test_another_canonical_branch_is_replaced_in_one_transaction(
 ) -> None:
     stack = held(C550) if was_held else C550
     p = plan(foreign(stack, LOADED_550, "precompiled"))
-    old = names(C550)
+    # Every 550 package goes but the kernel ABI's signatures, which every branch's modules
+    # for that ABI depend on (580's too).
+    old = [n for n in names(C550) if n != f"linux-signatures-nvidia-{K}"]
     unhold = names(stack, held_only=True)
     assert bool(unhold) == was_held
     assert move(p) == expected_move(canonical_set("580"), old, unhold)
@@ -327,6 +329,22 @@ def test_another_canonical_branch_is_replaced_in_one_transaction(
     # The second run, over the state apt's answer leaves (held): nothing planned.
     rerun = plan(converged(sim.applied(stack), LOADED_580, "precompiled"))
     assert rerun.changes == []
+
+
+def test_the_purge_of_the_abis_signatures_on_a_branch_move_is_what_apt_refuses(
+    tmp_path: Path,
+) -> None:
+    """Control for the shared linux-signatures-nvidia-<ABI>: the 550 -> 580 move as an
+    older classification planned it (the signatures purged as a 550 package, "161" in a
+    5.15.0-161 kernel read as a branch) is refused by apt, since 580's modules for the same
+    ABI depend on them; the move as planned now is accepted (the test above)."""
+    p = plan(foreign(C550, LOADED_550, "precompiled"))
+    command = move(p).replace(" nvidia-compute-utils-550-server-",
+                              f" linux-signatures-nvidia-{K}- nvidia-compute-utils-550-server-")  # fmt: skip
+    assert f"linux-signatures-nvidia-{K}-" in command
+    sim = aptsim.simulate(tmp_path / "aptroot", base_and(C550), command)
+    assert sim.rc != 0, sim.output
+    assert f"linux-signatures-nvidia-{K}" in sim.output, sim.output
 
 
 def test_held_packages_without_the_unhold_are_what_apt_refuses(tmp_path: Path) -> None:
@@ -359,11 +377,12 @@ def test_open_to_proprietary_moves_the_flavour_packages_only(tmp_path: Path) -> 
     old = [
         f"linux-modules-nvidia-580-server-open-{K}",
         "linux-modules-nvidia-580-server-open-aws",
+        f"linux-objects-nvidia-580-server-open-{K}",
         "nvidia-headless-no-dkms-580-server-open",
         "nvidia-kernel-source-580-server-open",  # the two flavours' sources conflict
     ]
     unhold = names(CURRENT_580, held_only=True)
-    assert move(p) == expected_move(canonical_set("580", "-server"), old, unhold)
+    assert move(p) == expected_move(canonical_set("580", "-server"), sorted(old), unhold)
     reboots_once(p)
     sim = accepted(tmp_path, base_and(CURRENT_580), move(p))
     assert sim.acts("Purg") == sorted(old)

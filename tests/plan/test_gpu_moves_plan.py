@@ -339,8 +339,8 @@ def test_the_purge_of_the_abis_signatures_on_a_branch_move_is_what_apt_refuses(
     5.15.0-161 kernel read as a branch) is refused by apt, since 580's modules for the same
     ABI depend on them; the move as planned now is accepted (the test above)."""
     p = plan(foreign(C550, LOADED_550, "precompiled"))
-    command = move(p).replace(" nvidia-compute-utils-550-server-",
-                              f" linux-signatures-nvidia-{K}- nvidia-compute-utils-550-server-")  # fmt: skip
+    utils = " nvidia-compute-utils-550-server-"
+    command = move(p).replace(utils, f" linux-signatures-nvidia-{K}-{utils}")
     assert f"linux-signatures-nvidia-{K}-" in command
     sim = aptsim.simulate(tmp_path / "aptroot", base_and(C550), command)
     assert sim.rc != 0, sim.output

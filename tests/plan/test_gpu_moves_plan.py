@@ -472,3 +472,38 @@ def test_precompiled_asked_for_a_kernel_without_them_is_refused() -> None:
     with pytest.raises(PyinfraError) as exc:
         plan(FakeHost(U, abi_modules=False), {"llama_driver_kernel_modules": "precompiled"})
     assert f"no linux-modules-nvidia-580-server-open-{K}" in str(exc.value)
+
+
+# ---------------------------------------------------------------- fresh installs
+@pytest.mark.parametrize(
+    ("data", "host", "loaded", "kind"),
+    [
+        ({}, {}, LOADED_580, "precompiled"),
+        ({"llama_driver_flavour": "proprietary"}, {}, LOADED_580_PROP, "precompiled"),
+        ({}, {"abi_modules": False}, LOADED_580, "dkms"),
+        ({"llama_driver_flavour": "proprietary", "llama_driver_kernel_modules": "dkms"}, {},
+         LOADED_580_PROP, "dkms"),  # fmt: skip
+        ({"llama_driver_source": "nvidia"}, {"canonical_pin": False}, LOADED_580_NV, "dkms"),
+    ],
+    ids=["canonical-open-precompiled", "canonical-proprietary-precompiled",
+         "canonical-open-dkms", "canonical-proprietary-dkms", "nvidia-open-dkms"],  # fmt: skip
+)
+def test_a_fresh_install_applied_then_rerun_plans_nothing(
+    tmp_path: Path, data: dict[str, str], host: dict[str, bool], loaded: str, kind: str
+) -> None:
+    """Every fresh end state, derived rather than written by hand: each install the first
+    run plans (the branch pin first where NVIDIA's repository is the source) handed to apt
+    in turn over the modelled lists; the packages apt installed, held, are the second run's
+    host, with the module that boots: nothing planned, no reboot."""
+    p = plan(FakeHost(U, **host), data)  # type: ignore[arg-type]
+    installs = [c for op in p.ops for c in op.commands if " install " in c and "nvidia" in c]
+    assert installs, p.changes
+    reboots_once(p)
+    stack = ""
+    for command in installs:
+        stack = accepted(tmp_path, base_and(stack), command).applied(stack)
+    assert stack, "apt installed nothing"
+    keep = {"canonical_pin": host.get("canonical_pin", True)}
+    rerun = plan(converged(stack, loaded, kind, **keep), data)
+    assert rerun.changes == []
+    assert rerun.result.reboot is not None and not rerun.result.reboot.needed

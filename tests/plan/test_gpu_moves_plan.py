@@ -481,12 +481,21 @@ def test_precompiled_asked_for_a_kernel_without_them_is_refused() -> None:
         ({}, {}, LOADED_580, "precompiled"),
         ({"llama_driver_flavour": "proprietary"}, {}, LOADED_580_PROP, "precompiled"),
         ({}, {"abi_modules": False}, LOADED_580, "dkms"),
-        ({"llama_driver_flavour": "proprietary", "llama_driver_kernel_modules": "dkms"}, {},
-         LOADED_580_PROP, "dkms"),  # fmt: skip
+        (
+            {"llama_driver_flavour": "proprietary", "llama_driver_kernel_modules": "dkms"},
+            {},
+            LOADED_580_PROP,
+            "dkms",
+        ),
         ({"llama_driver_source": "nvidia"}, {"canonical_pin": False}, LOADED_580_NV, "dkms"),
     ],
-    ids=["canonical-open-precompiled", "canonical-proprietary-precompiled",
-         "canonical-open-dkms", "canonical-proprietary-dkms", "nvidia-open-dkms"],  # fmt: skip
+    ids=[
+        "canonical-open-precompiled",
+        "canonical-proprietary-precompiled",
+        "canonical-open-dkms",
+        "canonical-proprietary-dkms",
+        "nvidia-open-dkms",
+    ],
 )
 def test_a_fresh_install_applied_then_rerun_plans_nothing(
     tmp_path: Path, data: dict[str, str], host: dict[str, bool], loaded: str, kind: str

@@ -122,6 +122,13 @@ def host_data(
         "ssh_known_hosts_file": host.known_hosts,
         "ssh_strict_host_key_checking": "yes",
         "llama_profile": "cpu-demo",
+        # The fleet's hosts share this machine's 2 cores; each would take `--threads auto`
+        # = 2, and 6 compute threads on 2 cores spin at ggml's barriers waiting for a
+        # descheduled peer. Measured directly (3 servers, no gateway, 3 streams running): a
+        # new request's TTFT p95 3.85x its idle value at 2 threads, 1.65x at 1. One thread
+        # each keeps the hosts' compute about as independent as separate machines', which
+        # the fairness and TTFT measurements assume (docs/testing.md).
+        "llama_threads": 1,
         "llama_host": address,
         "llama_port": port,
         "llama_model_repo": MODEL_REPO,

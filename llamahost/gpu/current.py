@@ -47,6 +47,8 @@ _KERNEL_KIND = re.compile(
 # change of kind: nvidia-headless-no-dkms-* (DKMS's nvidia-headless-* depends on it) and
 # nvidia-kernel-source-* (nvidia-headless-no-dkms-* depends on it, `(= version)`), with
 # nvidia-kernel-common and the user space.
+# tests/plan/test_gpu_relations_plan.py checks these rules against the Depends closures of
+# both kinds' packages, for every modelled branch and flavour.
 _PRECOMPILED_ONLY = re.compile(r"linux-(modules|objects|signatures)-nvidia-")
 _DKMS_ONLY = re.compile(r"(nvidia-dkms-|nvidia-headless-[0-9]+|nvidia-driver-[0-9]+)")
 

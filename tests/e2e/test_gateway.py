@@ -1025,7 +1025,8 @@ def test_one_key_cannot_take_the_fleets_slots(gateway: Gateway) -> None:
     direct = openai.OpenAI(base_url=f"{g.fleet.url(n)}/v1", api_key=key, max_retries=0)
 
     def both() -> tuple[list[float], list[float]]:
-        pairs = [(_ttft(polite), _ttft(direct)) for _ in range(20)]
+        # 60 each: a p95 of 20 samples is their second worst, too noisy on shared CPUs.
+        pairs = [(_ttft(polite), _ttft(direct)) for _ in range(60)]
         return sorted(a for a, _ in pairs), sorted(b for _, b in pairs)
 
     alone, direct_alone = both()
@@ -1062,14 +1063,17 @@ def test_one_key_cannot_take_the_fleets_slots(gateway: Gateway) -> None:
         stop.set()
         for t in threads:
             t.join(timeout=600)
-    p95_alone, p95_under = alone[18], under[18]
+    p95_alone, p95_under = alone[56], under[56]
     g.fleet.timings["fair_polite_ttft_p95_alone_s"] = round(p95_alone, 4)
     g.fleet.timings["fair_polite_ttft_p95_under_greedy_s"] = round(p95_under, 4)
     g.fleet.timings["fair_polite_ttft_p95_ratio"] = round(p95_under / p95_alone, 2)
-    g.fleet.timings["fair_direct_ttft_p95_alone_s"] = round(direct_alone[18], 4)
-    g.fleet.timings["fair_direct_ttft_p95_under_greedy_s"] = round(direct_under[18], 4)
+    for name, xs in (("polite", alone), ("polite_under_greedy", under),
+                     ("direct", direct_alone), ("direct_under_greedy", direct_under)):  # fmt: skip
+        g.fleet.timings[f"fair_{name}_ttft_p50_s"] = round(xs[30], 4)
+    g.fleet.timings["fair_direct_ttft_p95_alone_s"] = round(direct_alone[56], 4)
+    g.fleet.timings["fair_direct_ttft_p95_under_greedy_s"] = round(direct_under[56], 4)
     g.fleet.timings["fair_polite_over_direct_p95_under_greedy"] = round(
-        p95_under / direct_under[18], 2
+        p95_under / direct_under[56], 2
     )
     g.fleet.timings["fair_greedy_200"] = codes.count(200)
     g.fleet.timings["fair_greedy_429"] = codes.count(429)
